@@ -1,0 +1,1148 @@
+"""The Supervisor: lifecycle, public methods, the busy-event consumer and the deadline loop.
+
+This is the imperative shell. Rules live in :mod:`._policy` and state in :mod:`._registry`;
+here is what waits, spawns, cancels and talks to the outside (callbacks, probes, processes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import math
+import threading
+import weakref
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from types import TracebackType
+from typing import Any, Self
+
+import anyio
+import anyio.abc
+from loguru import logger
+
+from . import _policy as policy
+from ._errors import (
+    BackendBusyError,
+    BackendStoppedError,
+    CapacityError,
+    ConfigError,
+    SupervisorClosedError,
+    UnknownBackendError,
+)
+from ._events import BackendStatus, EventStream, Eviction, EvictionReason
+from ._memory import DeviceMemory, MemoryProbe, MemoryReading, check_reading, default_probe
+from ._registry import INHERIT, Backend, Call, CallState, Record, Registry
+from ._settings import Settings, parse_duration
+from ._stopping import ProcessRef, stop_backend, tree_pids
+
+__all__ = ("BusyHandle", "Supervisor")
+
+Shutdown = Callable[[Backend], Awaitable[None]]
+Start = Callable[[str], Awaitable[tuple[str, Any]]]
+
+_QUEUED, _ENDED_QUEUED, _EXIT_QUEUED = CallState.QUEUED, CallState.ENDED_QUEUED, CallState.EXIT_QUEUED
+_FORCED = frozenset(
+    {EvictionReason.BUSY_TIMEOUT, EvictionReason.EXITED, EvictionReason.CLOSING}
+)
+
+
+class _State(enum.Enum):
+    CREATED = "created"
+    RUNNING = "running"
+    CLOSING = "closing"
+    CLOSED = "closed"
+
+
+class BusyHandle(Call):
+    """One call inside ``busy()``: the async context manager and the handle it yields.
+
+    It is also the queue message: entering puts it on the queue once; leaving puts it again
+    only if the consumer has already applied the mark (otherwise one message carries both).
+    """
+
+    __slots__ = ("_address", "_sup", "_wait_timeout", "limiter", "stopped", "task")
+
+    def __init__(self, sup: Supervisor, address: str, wait_timeout: float | None = None) -> None:
+        self._sup = sup
+        self._address = address
+        self._wait_timeout = wait_timeout
+        self.stopped: EvictionReason | None = None  # set when the supervisor stopped the backend
+        self.task: asyncio.Task[Any] | None = None
+        self.limiter: _Limiter | None = None
+
+    @property
+    def address(self) -> str:
+        return self._address
+
+    def progress(self) -> None:
+        """Report progress: the backend's busy timer starts again from now."""
+        record = self.record
+        now = self._sup._clock()
+        if now > record.last_progress:
+            record.last_progress = now
+
+    def _enter(self, record: Record, task: asyncio.Task[Any] | None) -> None:
+        """Mark this call in flight (synchronous: nothing can see the backend idle between a
+        check and this mark)."""
+        sup = self._sup
+        self.record = record
+        self.entered_at = self.exited_at = sup._clock()
+        self.state = _QUEUED
+        self.task = task
+        sup._queue.put_nowait(self)
+
+    def _leave(self) -> None:
+        self.exited_at = self._sup._clock()
+        if self.state is _QUEUED:
+            self.state = _ENDED_QUEUED
+        else:
+            self.state = _EXIT_QUEUED
+            self._sup._queue.put_nowait(self)
+        limiter = self.limiter
+        if limiter is not None:
+            self.limiter = None
+            limiter.release()
+
+    async def __aenter__(self) -> Self:
+        sup = self._sup
+        if sup._state is not _State.RUNNING:
+            raise sup._closed_error()
+        record = sup._registry.records.get(self._address)
+        if record is None:
+            raise UnknownBackendError(self._address)
+        if record.stopping is not None:
+            raise BackendStoppedError(self._address, record.stopping)
+        limiter = record.limiter
+        if limiter is not None:
+            await limiter.acquire(self, self._wait_timeout)
+            self.limiter = limiter
+        self._enter(record, asyncio.current_task())
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        self._leave()
+        if self.stopped is not None:
+            self._raise_stopped(exc)
+        return False
+
+    def _raise_stopped(self, exc: BaseException | None) -> None:
+        """The supervisor stopped the backend under this call (and cancelled the task): turn
+        that cancellation into BackendStoppedError. Someone else's cancellation still wins."""
+        reason = self.stopped
+        assert reason is not None
+        task = self.task
+        if task is not None:
+            self.task = None
+            if task.uncancel() > 0 and isinstance(exc, asyncio.CancelledError):
+                return  # also cancelled from outside: let that cancellation go on
+        if exc is None or isinstance(exc, asyncio.CancelledError):
+            raise BackendStoppedError(self._address, reason) from None
+        # the caller's own error passes through unchanged
+
+    def __repr__(self) -> str:
+        return f"<BusyHandle {self._address!r} {self.state.name}>"
+
+
+class _Limiter:
+    """Admission for one backend: at most ``limit`` calls in flight; the rest wait in FIFO
+    order (no barging) up to ``max_waiting``."""
+
+    __slots__ = ("address", "admitted", "limit", "waiters")
+
+    def __init__(self, address: str, limit: int) -> None:
+        self.address = address
+        self.limit = limit
+        self.admitted = 0
+        self.waiters: deque[asyncio.Future[None]] = deque()
+
+    def try_admit(self) -> bool:
+        if self.admitted < self.limit and not self.waiters:
+            self.admitted += 1
+            return True
+        return False
+
+    async def acquire(self, handle: BusyHandle, wait_timeout: float | None) -> None:
+        if self.try_admit():
+            return
+        sup = handle._sup
+        if len(self.waiters) >= sup._settings.max_waiting:
+            raise BackendBusyError(self.address, f"{len(self.waiters)} callers already waiting")
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.waiters.append(waiter)
+        try:
+            with anyio.move_on_after(math.inf if wait_timeout is None else wait_timeout):
+                await waiter
+                return
+            raise BackendBusyError(self.address, f"no free slot within {wait_timeout} s")
+        except BaseException:
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                self.release()  # admitted as we gave up: pass the slot on
+            else:
+                waiter.cancel()
+                if waiter in self.waiters:
+                    self.waiters.remove(waiter)
+            raise
+
+    def release(self) -> None:
+        while self.waiters:
+            waiter = self.waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)  # the slot passes to the first waiter
+                return
+        self.admitted -= 1
+
+    def set_limit(self, limit: int) -> None:
+        self.limit = limit
+        while self.admitted < self.limit and self.waiters:
+            waiter = self.waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                self.admitted += 1
+
+    def fail_waiters(self, error: Callable[[], BaseException]) -> None:
+        while self.waiters:
+            waiter = self.waiters.popleft()
+            if not waiter.done():
+                waiter.set_exception(error())
+
+
+class _Stop:
+    """One stop of one backend; every eviction that picks the backend meanwhile shares it."""
+
+    __slots__ = ("done", "reason", "record", "result")
+
+    def __init__(self, record: Record, reason: EvictionReason) -> None:
+        self.record = record
+        self.reason = reason
+        self.done = anyio.Event()
+        self.result: Eviction | None = None
+
+    async def wait(self) -> Eviction:
+        await self.done.wait()
+        assert self.result is not None
+        return self.result
+
+
+class _Load:
+    """One load of one model in progress (singleflight): every acquire() waits on it."""
+
+    __slots__ = ("done", "error", "record", "waiters")
+
+    def __init__(self) -> None:
+        self.done = anyio.Event()
+        self.record: Record | None = None
+        self.error: BaseException | None = None
+        self.waiters: dict[asyncio.Task[Any], BusyHandle | None] = {}
+
+
+class _Acquire:
+    """``async with sup.acquire(model, start) as backend``."""
+
+    __slots__ = ("_handle", "_memory", "_model", "_start", "_sup")
+
+    def __init__(self, sup: Supervisor, model: str, start: Start, memory: int | None) -> None:
+        self._sup, self._model, self._start, self._memory = sup, model, start, memory
+        self._handle: BusyHandle | None = None
+
+    async def __aenter__(self) -> Backend:
+        self._handle = await self._sup._acquire_handle(self._model, self._start, self._memory)
+        return self._handle.record.public
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        assert self._handle is not None
+        return await self._handle.__aexit__(exc_type, exc, tb)
+
+
+def _validate_process(process: object) -> ProcessRef | None:
+    return None if process is None else ProcessRef.resolve(process)
+
+
+class Supervisor:
+    """Supervises model-serving backends: see README and DESIGN.md.
+
+    Use it as ``async with Supervisor(...) as sup:``, or start it in your own task group with
+    ``await tg.start(sup.run)``. A supervisor runs once; after it closes every call raises
+    :class:`SupervisorClosedError`.
+    """
+
+    def __init__(
+        self,
+        *,
+        shutdown: Shutdown | None = None,
+        memory_probe: MemoryProbe | None = None,
+        clock: Callable[[], float] | None = None,
+        settings: Settings | None = None,
+        **values: Any,
+    ) -> None:
+        if settings is not None and values:
+            raise ConfigError("pass either settings= or individual settings, not both")
+        self._settings = settings if settings is not None else Settings().replace(**values)
+        if shutdown is not None and not callable(shutdown):
+            raise ConfigError(f"shutdown must be an async callable, got {shutdown!r}")
+        if clock is not None and not callable(clock):
+            raise ConfigError(f"clock must be a callable returning seconds, got {clock!r}")
+        if memory_probe is not None and not callable(getattr(memory_probe, "read", None)):
+            raise ConfigError(f"memory_probe must have a read() method, got {memory_probe!r}")
+        self._shutdown = shutdown
+        self._probe = memory_probe
+        self._given_clock = clock
+        self._clock: Callable[[], float] = clock or _not_running_clock
+        self._state = _State.CREATED
+        self._registry = Registry()
+        self._queue: asyncio.Queue[BusyHandle] = asyncio.Queue()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._outer_tg: anyio.abc.TaskGroup | None = None
+        self._stop_requested: anyio.Event | None = None
+        self._wake: anyio.Event | None = None
+        self._planned_wake = math.inf
+        self._periodic_wake: anyio.Event | None = None
+        self._changed: anyio.Event | None = None
+        self._subscribers: weakref.WeakSet[EventStream] = weakref.WeakSet()
+        self._loading: dict[str, _Load] = {}
+        self._reserved = 0  # loads that made room and are not registered yet
+        self._stops: set[_Stop] = set()
+        self._probe_running = False
+        self._faults: dict[str, int] = {}
+
+    @classmethod
+    def from_env(cls, prefix: str = "WATCHDOG_", **kwargs: Any) -> Self:
+        """A supervisor whose settings come from ``PREFIX*`` environment variables; keyword
+        settings override the environment, other keywords (shutdown, clock...) pass through."""
+        setting_names = set(Settings.__dataclass_fields__)
+        overrides = {k: kwargs.pop(k) for k in list(kwargs) if k in setting_names}
+        return cls(settings=Settings.from_env(prefix, **overrides), **kwargs)
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        if self._state is not _State.CREATED:
+            raise SupervisorClosedError("a Supervisor runs once; create a new one")
+        tg = anyio.create_task_group()
+        await tg.__aenter__()
+        try:
+            await tg.start(self.run)
+        except BaseException as exc:
+            await tg.__aexit__(type(exc), exc, exc.__traceback__)
+            raise
+        self._outer_tg = tg
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        assert self._outer_tg is not None and self._stop_requested is not None
+        self._stop_requested.set()
+        return await self._outer_tg.__aexit__(exc_type, exc, tb)
+
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Run until cancelled (or until ``async with`` ends); then close."""
+        if self._state is not _State.CREATED:
+            raise SupervisorClosedError("a Supervisor runs once; create a new one")
+        self._loop = asyncio.get_running_loop()
+        self._clock = self._given_clock or self._loop.time
+        listen = getattr(self._given_clock, "add_listener", None)
+        if callable(listen):
+            listen(self._wake_deadline_loop)  # a hand-driven clock wakes us when it moves
+        self._stop_requested = anyio.Event()
+        self._changed = anyio.Event()
+        self._state = _State.RUNNING
+        try:
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                tg.start_soon(self._consume)
+                tg.start_soon(self._deadline_loop)
+                tg.start_soon(self._periodic_loop)
+                task_status.started()
+                try:
+                    await self._stop_requested.wait()
+                finally:
+                    with anyio.CancelScope(shield=True) as scope:
+                        scope.deadline = anyio.current_time() + self._close_bound()
+                        await self._close()
+                    tg.cancel_scope.cancel()
+        finally:
+            self._state = _State.CLOSED
+            for buffer in list(self._subscribers):
+                buffer.close()
+
+    def _close_bound(self) -> float:
+        s = self._settings
+        return s.stop_timeout * 3 + 5.0
+
+    async def _close(self) -> None:
+        self._state = _State.CLOSING
+        self._drain()
+        for load in self._loading.values():
+            for task in load.waiters:
+                task.cancel()
+        for record in self._registry:
+            if record.limiter is not None:
+                record.limiter.fail_waiters(
+                    lambda r=record: BackendStoppedError(r.address, EvictionReason.CLOSING)
+                )
+        if self._settings.stop_on_exit:
+            stops = [self._begin_stop(r, EvictionReason.CLOSING) for r in list(self._registry)]
+            for stop in stops:
+                await stop.wait()
+        for stop in list(self._stops):
+            await stop.wait()
+
+    def _closed_error(self) -> SupervisorClosedError:
+        if self._state is _State.CREATED:
+            return SupervisorClosedError("the supervisor is not running yet (use async with)")
+        return SupervisorClosedError("the supervisor is closed")
+
+    def _check_running(self) -> None:
+        if self._state is not _State.RUNNING:
+            raise self._closed_error()
+
+    # -- settings ---------------------------------------------------------------------------
+
+    @property
+    def settings(self) -> Settings:
+        return self._settings
+
+    def configure(self, **changes: Any) -> Settings:
+        """Change settings live; validated as a whole (nothing changes on error); no tracked
+        state is lost. Returns the new settings."""
+        if self._state in (_State.CLOSING, _State.CLOSED):
+            raise self._closed_error()
+        old, new = self._settings, self._settings.replace(**changes)
+        self._settings = new
+        if self._state is not _State.RUNNING:
+            return new
+        self._drain()
+        if (old.busy_timeout, old.idle_timeout) != (new.busy_timeout, new.idle_timeout):
+            policy.reschedule_all(self._registry, new)
+        if old.max_concurrency != new.max_concurrency:
+            for record in self._registry:
+                self._set_limiter(record)
+        self._wake_deadline_loop()
+        if self._periodic_wake is not None:
+            self._periodic_wake.set()
+        return new
+
+    def _set_limiter(self, record: Record) -> None:
+        limit = policy.max_concurrency(record, self._settings)
+        if limit is None:
+            if record.limiter is not None:
+                record.limiter.set_limit(1 << 62)  # let every waiter in; no more admission
+                record.limiter = None
+        elif record.limiter is None:
+            record.limiter = _Limiter(record.address, limit)
+        else:
+            record.limiter.set_limit(limit)
+
+    # -- backends ---------------------------------------------------------------------------
+
+    def register(
+        self,
+        address: str,
+        model: str,
+        *,
+        process: object = None,
+        pinned: bool = False,
+        idle_timeout: float | str | None | object = INHERIT,
+        size: int | None = None,
+        max_concurrency: int | None | object = INHERIT,
+    ) -> Backend:
+        """Track a backend. ``process`` (pid, psutil/asyncio/anyio process or Popen) is what
+        gets signalled when it must be stopped; its create time is recorded now."""
+        self._check_running()
+        if not isinstance(address, str) or not address:
+            raise ConfigError(f"address must be a non-empty string, got {address!r}")
+        if not isinstance(model, str) or not model:
+            raise ConfigError(f"model must be a non-empty string, got {model!r}")
+        if not isinstance(pinned, bool):
+            raise ConfigError(f"pinned must be a bool, got {pinned!r}")
+        if idle_timeout is not INHERIT:
+            idle_timeout = parse_duration(idle_timeout, name="idle_timeout", optional=True)
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 0):
+            raise ConfigError(f"size must be a number of bytes >= 0, got {size!r}")
+        if max_concurrency is not INHERIT and max_concurrency is not None and (
+            isinstance(max_concurrency, bool)
+            or not isinstance(max_concurrency, int)
+            or max_concurrency < 1
+        ):
+            raise ConfigError(f"max_concurrency must be a whole number >= 1, got {max_concurrency!r}")
+        if address in self._registry.records:
+            from ._errors import DuplicateBackendError
+
+            raise DuplicateBackendError(address)
+        ref = _validate_process(process)
+        record = Record(
+            address=address,
+            model=model,
+            now=self._clock(),
+            process=ref,
+            pinned=pinned,
+            idle_timeout=idle_timeout,  # type: ignore[arg-type]
+            size=size,
+            max_concurrency=max_concurrency,  # type: ignore[arg-type]
+        )
+        self._registry.add(record)
+        self._set_limiter(record)
+        policy.schedule(self._registry, record, self._settings)
+        self._wake_if_earlier()
+        logger.debug("registered {} ({}) pid={}", address, model, record.public.pid)
+        return record.public
+
+    def forget(self, address: str) -> Backend:
+        """Stop tracking a backend without stopping it. Calls in flight go on untracked."""
+        self._check_running()
+        self._drain()
+        record = self._registry.get(address)
+        self._registry.remove(record)
+        if record.limiter is not None:
+            record.limiter.set_limit(1 << 62)
+        self._notify_changed()
+        return record.public
+
+    def busy(self, address: str, *, wait_timeout: float | None = None) -> BusyHandle:
+        """``async with sup.busy(address) as call:`` around every call to the backend."""
+        return BusyHandle(self, address, wait_timeout)
+
+    @contextmanager
+    def busy_sync(self, address: str) -> Iterator[BusyHandle]:
+        """``busy()`` for code running in a worker thread (e.g. under ``anyio.to_thread``).
+        A forced stop cannot interrupt a thread: the call raises BackendStoppedError when it
+        leaves."""
+        loop = self._loop
+        if loop is None:
+            raise self._closed_error()
+        if threading.get_ident() == getattr(loop, "_thread_id", None):
+            raise RuntimeError("busy_sync() is for worker threads; use busy() on the loop")
+        handle = BusyHandle(self, address)
+
+        async def enter() -> None:
+            await handle.__aenter__()
+            handle.task = None  # the thread, not this helper task, makes the call
+
+        asyncio.run_coroutine_threadsafe(enter(), loop).result()
+        try:
+            yield handle
+        finally:
+            loop.call_soon_threadsafe(handle._leave)
+            if handle.stopped is not None:
+                raise BackendStoppedError(address, handle.stopped)
+
+    def touch(self, address: str) -> None:
+        """Count a use for LRU order without a call."""
+        self._check_running()
+        self._drain()
+        self._registry.touch(self._registry.get(address), self._clock())
+
+    @property
+    def loaded_count(self) -> int:
+        self._drain()
+        return len(self._registry)
+
+    def snapshot(self) -> list[BackendStatus]:
+        """Every tracked backend, least recently used first."""
+        self._drain()
+        now = self._clock()
+        return [
+            BackendStatus(
+                address=r.address,
+                model=r.model,
+                pid=r.public.pid,
+                inflight=len(r.calls),
+                waiting=0 if r.limiter is None else len(r.limiter.waiters),
+                busy_for=now - r.last_progress if r.calls else None,
+                idle_for=None if r.calls else now - r.idle_since,
+                last_used=r.last_used,
+                pinned=r.pinned,
+                stopping=r.stopping is not None,
+            )
+            for r in self._registry
+        ]
+
+    def events(self, *, buffer: int = 1000) -> EventStream:
+        """``async for eviction in sup.events():`` every eviction from now on. A subscriber
+        that falls more than ``buffer`` records behind loses the oldest (counted in
+        ``.dropped``); iteration ends when the supervisor closes."""
+        if isinstance(buffer, bool) or not isinstance(buffer, int) or buffer < 1:
+            raise ConfigError(f"buffer must be a whole number >= 1, got {buffer!r}")
+        if self._state in (_State.CLOSING, _State.CLOSED):
+            raise self._closed_error()
+        subscription = EventStream(buffer)
+        self._subscribers.add(subscription)
+        return subscription
+
+    @property
+    def faults(self) -> dict[str, int]:
+        """How many times each kind of failure (probe, callback, signal...) has happened."""
+        return dict(self._faults)
+
+    # -- queue ------------------------------------------------------------------------------
+
+    async def _consume(self) -> None:
+        queue = self._queue
+        while True:
+            call = await queue.get()
+            self._apply(call)
+            self._drain()
+
+    def _apply(self, call: Call) -> None:
+        registry = self._registry
+        record = call.record
+        went_idle = registry.apply(call)
+        if record.registered:
+            policy.schedule(registry, record, self._settings)
+        if went_idle:
+            self._notify_changed()
+            self._wake_if_earlier()
+
+    def _drain(self) -> None:
+        """Apply every queued message now, so a call that entered busy() is seen in flight."""
+        queue = self._queue
+        while queue.qsize():
+            self._apply(queue.get_nowait())
+
+    def _notify_changed(self) -> None:
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = anyio.Event()
+
+    async def _wait_changed(self, deadline: float) -> bool:
+        """Wait for a backend to go idle, be removed or finish stopping; False at deadline."""
+        assert self._changed is not None
+        with anyio.move_on_after(max(0.0, deadline - anyio.current_time())):
+            await self._changed.wait()
+            return True
+        return False
+
+    # -- deadline loop ----------------------------------------------------------------------
+
+    def _wake_deadline_loop(self) -> None:
+        if self._wake is not None:
+            self._wake.set()
+
+    def _wake_if_earlier(self) -> None:
+        deadline = policy.next_deadline(self._registry)
+        if deadline is not None and deadline < self._planned_wake:
+            self._wake_deadline_loop()
+
+    async def _deadline_loop(self) -> None:
+        while True:
+            self._wake = anyio.Event()
+            self._drain()
+            for record, reason in policy.due(self._registry, self._clock(), self._settings):
+                self._begin_stop(record, reason)
+            deadline = policy.next_deadline(self._registry)
+            self._planned_wake = math.inf if deadline is None else deadline
+            delay = math.inf if deadline is None else max(0.0, deadline - self._clock())
+            with anyio.move_on_after(delay):
+                await self._wake.wait()
+
+    async def _periodic_loop(self) -> None:
+        while True:
+            self._periodic_wake = anyio.Event()
+            with anyio.move_on_after(self._settings.check_interval):
+                await self._periodic_wake.wait()
+                continue  # settings changed: restart the interval
+            try:
+                await self._detect_exits()
+                if self._settings.memory_threshold is not None:
+                    await self._memory_pass()
+            except Exception as exc:  # never let a check stop the supervisor
+                self._fault("periodic check", exc)
+
+    # -- stopping ---------------------------------------------------------------------------
+
+    def _begin_stop(self, record: Record, reason: EvictionReason) -> _Stop:
+        """Mark ``record`` stopping (no new calls from now) and start stopping it, or join the
+        stop already running. Forced reasons fail the callers inside busy() at once."""
+        self._drain()
+        if reason in _FORCED or (reason is not EvictionReason.IDLE_TIMEOUT and record.calls):
+            self._fail_calls(record, reason)
+        if record.stop is not None:
+            stop: _Stop = record.stop
+            return stop
+        record.stopping = reason
+        record.attempted += 1
+        if record.limiter is not None:
+            record.limiter.fail_waiters(lambda: BackendStoppedError(record.address, reason))
+        stop = _Stop(record, reason)
+        record.stop = stop
+        self._stops.add(stop)
+        assert self._tg is not None
+        self._tg.start_soon(self._run_stop, stop)
+        return stop
+
+    def _fail_calls(self, record: Record, reason: EvictionReason) -> None:
+        for call in list(record.calls):
+            assert isinstance(call, BusyHandle)
+            if call.stopped is None:
+                call.stopped = reason
+                if call.task is not None and not call.task.done():
+                    call.task.cancel()
+
+    async def _run_stop(self, stop: _Stop) -> None:
+        record = stop.record
+        settings = self._settings
+        started = anyio.current_time()
+        with anyio.CancelScope(shield=True) as scope:
+            scope.deadline = started + self._close_bound()
+            ok, error = await stop_backend(
+                record.public,
+                record.process,
+                shutdown=self._shutdown,
+                stop_timeout=settings.stop_timeout,
+            )
+        if scope.cancelled_caught:
+            ok, error = False, TimeoutError("stopping took longer than its bound")
+        if error is not None:
+            self._fault("stop", error)
+        eviction = Eviction(
+            address=record.address,
+            model=record.model,
+            reason=stop.reason,
+            ok=ok,
+            error=error,
+            duration=anyio.current_time() - started,
+        )
+        record.stop = None
+        record.claimed = False
+        if ok:
+            self._registry.remove(record)
+        else:  # still tracked and counted; idle from now so a retry is not immediate
+            record.stopping = None
+            record.idle_since = max(record.idle_since, self._clock())
+            policy.schedule(self._registry, record, self._settings)
+            self._wake_if_earlier()
+        stop.result = eviction
+        self._stops.discard(stop)
+        self._publish(eviction)
+        stop.done.set()
+        self._notify_changed()
+
+    def _publish(self, eviction: Eviction) -> None:
+        if eviction.ok:
+            logger.info(
+                "evicted {} ({}): reason={} in {:.3f}s",
+                eviction.address,
+                eviction.model,
+                eviction.reason.value,
+                eviction.duration,
+            )
+        else:
+            logger.warning(
+                "could not stop {} ({}): reason={} error={!r}",
+                eviction.address,
+                eviction.model,
+                eviction.reason.value,
+                eviction.error,
+            )
+        for buffer in list(self._subscribers):
+            buffer.push(eviction)
+
+    def _fault(self, kind: str, exc: BaseException) -> None:
+        """Log a failure once per kind (then at debug level) and count it."""
+        key = f"{kind}: {type(exc).__name__}"
+        count = self._faults.get(key, 0)
+        self._faults[key] = count + 1
+        if count == 0:
+            logger.opt(exception=exc).warning("{} failed: {!r}", kind, exc)
+        else:
+            logger.debug("{} failed again: {!r}", kind, exc)
+
+    async def _detect_exits(self) -> None:
+        watched = [
+            (r, r.process)
+            for r in self._registry
+            if r.process is not None and r.stopping is None
+        ]
+        if not watched:
+            return
+        dead = await anyio.to_thread.run_sync(
+            lambda: [r for r, ref in watched if not ref.is_alive()]
+        )
+        for record in dead:
+            if record.registered and record.stopping is None:
+                self._untrack_exited(record)
+
+    def _untrack_exited(self, record: Record) -> None:
+        self._drain()
+        self._fail_calls(record, EvictionReason.EXITED)
+        if record.limiter is not None:
+            record.limiter.fail_waiters(
+                lambda: BackendStoppedError(record.address, EvictionReason.EXITED)
+            )
+        self._registry.remove(record)
+        self._publish(Eviction(record.address, record.model, EvictionReason.EXITED, ok=True))
+        self._notify_changed()
+
+    # -- eviction entry points ----------------------------------------------------------------
+
+    async def evict(self, address: str, *, force: bool = False) -> Eviction:
+        """Stop one backend now. Unforced: it takes no new calls and its calls in flight get
+        ``eviction_timeout`` to end, else CapacityError (and it stays). Forced: its callers
+        get BackendStoppedError at once."""
+        self._check_running()
+        if not isinstance(force, bool):
+            raise ConfigError(f"force must be a bool, got {force!r}")
+        self._drain()
+        record = self._registry.get(address)
+        if record.stop is None and record.calls and not force:
+            deadline = anyio.current_time() + self._settings.eviction_timeout
+            record.stopping = EvictionReason.MANUAL  # draining: no new calls
+            try:
+                while record.calls and record.stop is None:
+                    if not await self._wait_changed(deadline):
+                        raise CapacityError(
+                            f"{address!r} still had {len(record.calls)} call(s) in flight after "
+                            f"{self._settings.eviction_timeout} s"
+                        )
+                    self._drain()
+            finally:
+                if record.stop is None and record.registered:
+                    record.stopping = None  # gave up (or cancelled): it takes calls again
+                    policy.schedule(self._registry, record, self._settings)
+        return await self._begin_stop(record, EvictionReason.MANUAL).wait()
+
+    async def check(self) -> list[Eviction]:
+        """Run the busy, idle and memory checks once, now; return what they evicted."""
+        self._check_running()
+        self._drain()
+        due = policy.due(self._registry, self._clock(), self._settings)
+        stops = [self._begin_stop(record, reason) for record, reason in due]
+        evictions = [await stop.wait() for stop in stops]
+        await self._detect_exits()
+        if self._settings.memory_threshold is not None:
+            evictions += await self._memory_pass()
+        return evictions
+
+    async def make_room(
+        self,
+        *,
+        pending: int = 0,
+        memory: int | None = None,
+        timeout: float | str | None = None,
+        force: bool | None = None,
+    ) -> list[Eviction]:
+        """Evict until one more backend fits: ``loaded + pending + 1 <= max_loaded`` and, with
+        ``memory=BYTES``, some device can take BYTES and stay at or under the threshold."""
+        self._check_running()
+        if isinstance(pending, bool) or not isinstance(pending, int) or pending < 0:
+            raise ConfigError(f"pending must be a whole number >= 0, got {pending!r}")
+        return await self._make_room(
+            pending=pending, memory=memory, timeout=timeout, force=force, reserve=False
+        )
+
+    async def _make_room(
+        self,
+        *,
+        pending: int,
+        memory: int | None,
+        timeout: float | str | None,
+        force: bool | None,
+        reserve: bool,
+    ) -> list[Eviction]:
+        if memory is not None and (
+            isinstance(memory, bool) or not isinstance(memory, int) or memory < 0
+        ):
+            raise ConfigError(f"memory must be a number of bytes >= 0, got {memory!r}")
+        if force is not None and not isinstance(force, bool):
+            raise ConfigError(f"force must be a bool, got {force!r}")
+        wait = parse_duration(
+            self._settings.eviction_timeout if timeout is None else timeout, name="timeout"
+        )
+        assert wait is not None
+        force = self._settings.force_eviction_when_busy if force is None else force
+        deadline = anyio.current_time() + wait
+        tried: list[Eviction] = []
+        attempted: set[Record] = set()
+        while True:
+            self._check_running()
+            self._drain()
+            registry = self._registry
+            need = policy.room_needed(
+                len(registry), self._reserved + pending, self._settings.max_loaded
+            )
+            # stops already running that nobody counts on free a slot each
+            unclaimed = [r for r in registry if r.stop is not None and not r.claimed][:need]
+            victims = policy.lru_victims(
+                registry, need - len(unclaimed), force=force, exclude=attempted
+            )
+            reason = EvictionReason.LRU
+            fit_device: DeviceMemory | None = None
+            if need == 0 and memory:
+                missing = await self._memory_missing(memory)
+                if missing:
+                    reason = EvictionReason.MEMORY
+                    victims, fit_device = await self._memory_fit_victims(memory, force, attempted)
+                    if not victims and not self._stops:
+                        if not await self._wait_changed(deadline):
+                            raise CapacityError(
+                                f"{missing} bytes missing for a load of {memory} bytes",
+                                evictions=tuple(tried),
+                                missing_bytes=missing,
+                            )
+                        continue
+                    need = len(victims)
+            if need == 0:
+                if reserve:
+                    self._reserved += 1
+                return tried
+            for record in unclaimed:
+                record.claimed = True
+            stops = [r.stop for r in unclaimed]
+            for record in victims:
+                attempted.add(record)
+                record.claimed = True
+                stops.append(self._begin_stop(record, reason))
+            if stops:
+                for stop in stops:
+                    result = await stop.wait()
+                    if result not in tried:
+                        tried.append(result)
+                if fit_device is not None:
+                    await self._await_release(fit_device)
+                continue
+            # nothing evictable now: wait for a busy backend to go idle, or give up
+            if not await self._wait_changed(deadline):
+                raise CapacityError(
+                    f"no room for one more backend: {len(registry)} loaded, "
+                    f"{self._reserved + pending} pending, max_loaded="
+                    f"{self._settings.max_loaded}; the rest are busy or pinned",
+                    evictions=tuple(tried),
+                )
+
+    # -- memory -----------------------------------------------------------------------------
+
+    async def _read_memory(self) -> MemoryReading | None:
+        """One reading in a worker thread, bounded by probe_timeout; None when the probe
+        fails, hangs or returns nonsense (logged once per kind)."""
+        if self._probe_running:
+            self._fault("memory probe", TimeoutError("previous read still running"))
+            return None
+        self._probe_running = True
+
+        def read() -> object:
+            try:
+                if self._probe is None:
+                    self._probe = default_probe()
+                    logger.info("memory probe: {}", getattr(self._probe, "description", self._probe))
+                return self._probe.read()
+            finally:
+                self._probe_running = False
+
+        reading: object = None
+        try:
+            with anyio.move_on_after(self._settings.probe_timeout) as scope:
+                reading = await anyio.to_thread.run_sync(read, abandon_on_cancel=True)
+        except Exception as exc:
+            self._fault("memory probe", exc)
+            return None
+        if scope.cancelled_caught:
+            self._fault(
+                "memory probe", TimeoutError(f"no reading within {self._settings.probe_timeout} s")
+            )
+            return None
+        problem = check_reading(reading)
+        if problem is not None:
+            self._fault("memory probe", ValueError(problem))
+            return None
+        assert isinstance(reading, MemoryReading)
+        return reading
+
+    async def _held_on(self, device: DeviceMemory) -> dict[str, int]:
+        """Bytes each backend's process tree holds on ``device`` (per-process figures), or
+        the declared sizes where the device has none."""
+        records = [r for r in self._registry if r.stopping is None]
+        if device.processes is None:
+            return {r.address: r.size for r in records if r.size}
+        per_pid = dict(device.processes)
+        watched = [(r.address, r.process) for r in records if r.process is not None]
+
+        def attribute() -> dict[str, int]:
+            held: dict[str, int] = {}
+            for address, ref in watched:
+                total = sum(per_pid.get(pid, 0) for pid in tree_pids(ref))
+                if total:
+                    held[address] = total
+            return held
+
+        return await anyio.to_thread.run_sync(attribute)
+
+    async def _memory_pass(self) -> list[Eviction]:
+        """For each device over the threshold, evict one backend at a time (holders first,
+        then LRU), waiting for the memory to come back after each, down to the target."""
+        reading = await self._read_memory()
+        if reading is None:
+            return []
+        settings = self._settings
+        threshold, target = settings.memory_threshold, settings.effective_memory_target
+        assert threshold is not None and target is not None
+        evictions: list[Eviction] = []
+        attempted: set[Record] = set()
+        for device in policy.over_threshold(reading, threshold):
+            current: DeviceMemory | None = device
+            while current is not None and current.used / current.total > target:
+                self._drain()
+                held = await self._held_on(current)
+                victims = policy.memory_victims(
+                    self._registry, held, force=settings.force_eviction_when_busy,
+                    exclude=attempted,
+                )
+                if not victims:
+                    logger.warning(
+                        "memory on {} at {:.1%} (target {:.1%}): nothing evictable",
+                        current.name, current.used / current.total, target,
+                    )
+                    break
+                victim = victims[0]
+                attempted.add(victim)
+                eviction = await self._begin_stop(victim, EvictionReason.MEMORY).wait()
+                evictions.append(eviction)
+                if eviction.ok:
+                    current = await self._await_release(current)
+        return evictions
+
+    async def _await_release(self, before: DeviceMemory) -> DeviceMemory | None:
+        """Re-read (about every 250 ms, up to memory_recovery_timeout) until the device has
+        given memory back; the latest reading of it (None if it cannot be read)."""
+        deadline = anyio.current_time() + self._settings.memory_recovery_timeout
+        latest: DeviceMemory | None = None
+        while True:
+            reading = await self._read_memory()
+            if reading is not None:
+                latest = next((d for d in reading.devices if d.index == before.index), None)
+                if latest is None or policy.memory_released(before, latest):
+                    return latest
+            if anyio.current_time() >= deadline:
+                return latest
+            await anyio.sleep(0.25)
+
+    async def _memory_missing(self, needed: int) -> int:
+        reading = await self._read_memory()
+        if reading is None:
+            return 0  # cannot tell: do not block a load on a broken probe
+        missing, _ = policy.fit_deficit(reading.devices, needed, self._settings.memory_threshold)
+        return missing
+
+    async def _memory_fit_victims(
+        self, needed: int, force: bool, attempted: set[Record]
+    ) -> tuple[list[Record], DeviceMemory | None]:
+        """The next backend to evict so that ``needed`` bytes fit, and on which device."""
+        reading = await self._read_memory()
+        if reading is None:
+            return [], None
+        _, device = policy.fit_deficit(reading.devices, needed, self._settings.memory_threshold)
+        if device is None:
+            return [], None
+        held = await self._held_on(device)
+        victims = policy.memory_victims(self._registry, held, force=force, exclude=attempted)
+        return victims[:1], device
+
+    # -- acquire ----------------------------------------------------------------------------
+
+    def acquire(self, model: str, start: Start, *, memory: int | None = None) -> _Acquire:
+        """``async with sup.acquire(model, start) as backend:`` use a backend for ``model``,
+        loading it first if none is registered. ``start(model)`` is awaited once however
+        many callers ask at the same time; it returns ``(address, process)`` (process may be
+        None) and the backend is registered and marked busy for every waiting caller before
+        any eviction can see it idle."""
+        if not isinstance(model, str) or not model:
+            raise ConfigError(f"model must be a non-empty string, got {model!r}")
+        if not callable(start):
+            raise ConfigError(f"start must be an async callable, got {start!r}")
+        return _Acquire(self, model, start, memory)
+
+    async def _acquire_handle(self, model: str, start: Start, memory: int | None) -> BusyHandle:
+        while True:
+            self._check_running()
+            self._drain()
+            record = self._registry.find_model(model)
+            if record is not None:
+                handle = BusyHandle(self, record.address)
+                try:
+                    await handle.__aenter__()
+                except (BackendStoppedError, UnknownBackendError):
+                    continue  # chosen for eviction meanwhile: load again
+                return handle
+            load = self._loading.get(model)
+            if load is None:
+                load = self._loading[model] = _Load()
+                assert self._tg is not None
+                self._tg.start_soon(self._load, model, start, memory, load)
+            task = asyncio.current_task()
+            assert task is not None
+            load.waiters[task] = None
+            try:
+                await load.done.wait()
+            except BaseException:
+                handle = load.waiters.pop(task, None)
+                if handle is not None:
+                    handle._leave()
+                raise
+            handle = load.waiters.pop(task, None)
+            if load.error is not None:
+                raise load.error
+            if handle is not None:
+                return handle
+            # not admitted at once (concurrency limit) or gone already: go round again
+
+    async def _load(self, model: str, start: Start, memory: int | None, load: _Load) -> None:
+        record: Record | None = None
+        try:
+            await self._make_room(
+                pending=0, memory=memory, timeout=None, force=None, reserve=True
+            )
+            try:
+                with anyio.fail_after(
+                    math.inf if self._settings.start_timeout is None
+                    else self._settings.start_timeout
+                ):
+                    started = await start(model)
+                address, process = _unpack_started(started)
+                self.register(address, model, process=process)
+                record = self._registry.get(address)
+            finally:
+                self._reserved -= 1
+        except Exception as exc:
+            load.error = exc
+            logger.warning("starting {} failed: {!r}", model, exc)
+        finally:
+            if self._loading.get(model) is load:
+                del self._loading[model]
+            if record is not None:
+                # mark every waiting caller busy before anyone can see the backend idle
+                for task in list(load.waiters):
+                    handle = BusyHandle(self, record.address)
+                    limiter = record.limiter
+                    if limiter is None or limiter.try_admit():
+                        handle.limiter = limiter
+                        handle._enter(record, task)
+                        load.waiters[task] = handle
+            load.done.set()
+
+
+def _unpack_started(started: object) -> tuple[str, object]:
+    if isinstance(started, str):
+        return started, None
+    if isinstance(started, tuple) and len(started) == 2 and isinstance(started[0], str):
+        return started[0], started[1]
+    raise ConfigError(
+        f"start() must return (address, process) or an address, got {started!r}"
+    )
+
+
+def _not_running_clock() -> float:
+    raise SupervisorClosedError("the supervisor is not running yet (use async with)")
