@@ -29,7 +29,7 @@ def make(
     now: float = 0.0,
     *,
     pinned: bool = False,
-    idle_timeout: float | None | object = INHERIT,
+    idle_timeout: float | object | None = INHERIT,
     model: str | None = None,
 ) -> Record:
     record = Record(
@@ -241,9 +241,14 @@ def test_two_busy_without_force_gives_nothing() -> None:
 # -- memory ----------------------------------------------------------------------------------
 
 
-def gpu(index: int, used: float, total: float = 80, processes: dict[int, int] | None = None) -> DeviceMemory:
+def gpu(
+    index: int, used: float, total: float = 80, processes: dict[int, int] | None = None
+) -> DeviceMemory:
     return DeviceMemory(
-        index=index, name=f"gpu{index}", total=int(total * GiB), used=int(used * GiB),
+        index=index,
+        name=f"gpu{index}",
+        total=int(total * GiB),
+        used=int(used * GiB),
         processes=processes,
     )
 
@@ -257,7 +262,7 @@ def test_over_threshold_is_per_device_not_summed() -> None:
 
 def test_memory_victims_holders_first_then_lru_busy_only_with_force() -> None:
     registry = Registry()
-    a, b, c, d = (make(registry, x, i) for i, x in enumerate("abcd"))
+    a, b, _c, d = (make(registry, x, i) for i, x in enumerate("abcd"))
     enter(registry, d, 10.0)
     held = {"c": 5 * GiB, "b": 9 * GiB}
     assert addresses(policy.memory_victims(registry, held, force=False)) == ["b", "c", "a"]

@@ -141,9 +141,11 @@ async def test_resolve_and_stop_asyncio_subprocess() -> None:
         result = await stop_tree(ref, timeout=5)
         assert result.gone
         assert result.signalled == (proc.pid,)
+    except BaseException:
+        # Only here: killing an exited asyncio child polls (reaps) it under its watcher's feet.
+        proc.kill()
+        raise
     finally:
-        if proc.returncode is None:
-            proc.kill()
         returncode = await proc.wait()
     assert returncode == -signal.SIGTERM  # the owner, not stop_tree, collected the status
 
@@ -160,9 +162,9 @@ async def test_resolve_and_stop_anyio_process() -> None:
             result = await stop_tree(ref, timeout=5)
             assert result.gone
             assert result.signalled == (proc.pid,)
-        finally:
-            if proc.returncode is None:
-                proc.kill()
+        except BaseException:
+            proc.kill()  # only here, as above; leaving the block waits for it
+            raise
     assert proc.returncode == -signal.SIGTERM
 
 

@@ -57,9 +57,7 @@ def recorder() -> Recorder:
 
 
 @pytest.fixture
-async def sup_factory(
-    clock: ManualClock, recorder: Recorder
-) -> AsyncIterator[Callable[..., Any]]:
+async def sup_factory(clock: ManualClock, recorder: Recorder) -> AsyncIterator[Callable[..., Any]]:
     """Open supervisors with the test's clock and recorder; close them at the end."""
     async with AsyncExitStack() as stack:
 
@@ -138,9 +136,7 @@ async def test_limit_0_evicts_nothing(sup_factory: Callable[..., Any], clock: Ma
     assert sup.loaded_count == 6
 
 
-async def test_touch_changes_the_order(
-    sup_factory: Callable[..., Any], clock: ManualClock
-) -> None:
+async def test_touch_changes_the_order(sup_factory: Callable[..., Any], clock: ManualClock) -> None:
     sup = await sup_factory(max_loaded=2)
     register_all(sup, clock, "a", "b")
     sup.touch("a")
@@ -166,7 +162,7 @@ async def test_busy_backends_skipped_without_force_evicted_with_it(
     sup = await sup_factory(max_loaded=2)
     register_all(sup, clock, "a", "b")
     entered, release = anyio.Event(), anyio.Event()
-    failure: list[BaseException] = []
+    failure: list[BackendStoppedError] = []
 
     async def hold() -> None:
         try:
@@ -303,7 +299,11 @@ async def test_busy_timeout_fails_the_caller_with_backend_stopped(
     assert len(caught) == 1 and caught[0].reason is EvictionReason.BUSY_TIMEOUT
     assert recorder.stopped == ["a"]
     eviction = await events.__anext__()
-    assert (eviction.address, eviction.reason, eviction.ok) == ("a", EvictionReason.BUSY_TIMEOUT, True)
+    assert (eviction.address, eviction.reason, eviction.ok) == (
+        "a",
+        EvictionReason.BUSY_TIMEOUT,
+        True,
+    )
     assert sup.loaded_count == 0
 
 

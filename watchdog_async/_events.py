@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import anyio
 
 
-class EvictionReason(str, enum.Enum):
+class EvictionReason(enum.StrEnum):
     """Why a backend was stopped or untracked."""
 
     BUSY_TIMEOUT = "busy_timeout"
@@ -19,9 +19,6 @@ class EvictionReason(str, enum.Enum):
     MANUAL = "manual"
     EXITED = "exited"
     CLOSING = "closing"
-
-    def __str__(self) -> str:
-        return self.value
 
 
 @dataclass(frozen=True, slots=True)

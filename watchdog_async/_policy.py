@@ -97,9 +97,7 @@ def next_deadline(registry: Registry) -> float | None:
     return min(busy, idle)
 
 
-def due(
-    registry: Registry, now: float, settings: Settings
-) -> list[tuple[Record, EvictionReason]]:
+def due(registry: Registry, now: float, settings: Settings) -> list[tuple[Record, EvictionReason]]:
     """Backends past their busy deadline (hung) or idle deadline, at ``now``."""
     found: list[tuple[Record, EvictionReason]] = []
     for record in registry.busy_heap.pop_until(now):
@@ -182,9 +180,7 @@ def memory_victims(
     """Eviction order for one device: backends holding memory on it first (most bytes first),
     then least recently used; idle before busy; busy only with ``force``; pinned never.
     ``held`` maps an address to the bytes its process tree holds on that device."""
-    candidates = [
-        r for r in registry if _evictable(r, exclude) and (force or not r.calls)
-    ]
+    candidates = [r for r in registry if _evictable(r, exclude) and (force or not r.calls)]
     # stable sort: idle before busy, then holders by bytes (desc), then LRU order
     return sorted(candidates, key=lambda r: (bool(r.calls), -held.get(r.address, 0)))
 

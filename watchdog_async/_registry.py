@@ -43,9 +43,9 @@ class Backend:
     model: str
     pid: int | None
     pinned: bool = False
-    idle_timeout: float | None | _Inherit = INHERIT
+    idle_timeout: float | _Inherit | None = INHERIT
     size: int | None = None
-    max_concurrency: int | None | _Inherit = INHERIT
+    max_concurrency: int | _Inherit | None = INHERIT
 
 
 class CallState(enum.IntEnum):
@@ -105,9 +105,9 @@ class Record:
         now: float,
         process: ProcessRef | None,
         pinned: bool,
-        idle_timeout: float | None | _Inherit,
+        idle_timeout: float | _Inherit | None,
         size: int | None,
-        max_concurrency: int | None | _Inherit,
+        max_concurrency: int | _Inherit | None,
     ) -> None:
         self.address = address
         self.model = model

@@ -18,7 +18,7 @@ from typing import Any, Self
 
 from ._errors import ConfigError
 
-__all__ = ("Settings", "parse_duration")
+__all__ = ("Settings", "check_count", "parse_duration")
 
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ms|s|m|h|d)")
@@ -27,7 +27,9 @@ _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off"})
 
 
-def parse_duration(value: object, *, name: str = "duration", optional: bool = False) -> float | None:
+def parse_duration(
+    value: object, *, name: str = "duration", optional: bool = False
+) -> float | None:
     """Seconds from a number or a duration string; ``None`` only where ``optional``."""
     if value is None or (isinstance(value, str) and value.strip().lower() in _OFF):
         if optional:
@@ -65,10 +67,12 @@ def _parse_duration_string(text: str, name: str) -> float:
     return total
 
 
-def _count(value: object, name: str, *, optional: bool, minimum: int) -> int | None:
-    if value is None and optional:
-        return None
-    if isinstance(value, str) and (optional or value.strip().lower() not in _OFF):
+def check_count(
+    value: object, name: str, *, optional: bool = False, minimum: int = 0
+) -> int | None:
+    """A whole number >= ``minimum`` (from an int or its string); ``None``/"off" only where
+    ``optional``."""
+    if isinstance(value, str):
         text = value.strip().lower()
         if optional and text in _OFF:
             return None
@@ -76,6 +80,8 @@ def _count(value: object, name: str, *, optional: bool, minimum: int) -> int | N
             value = int(text)
         except ValueError:
             raise ConfigError(f"{name} must be a whole number, got {value!r}") from None
+    if value is None and optional:
+        return None
     if isinstance(value, bool) or not isinstance(value, int):
         raise ConfigError(f"{name} must be a whole number, got {value!r}")
     if value < minimum:
@@ -146,13 +152,13 @@ class Settings:
             set_(self, name, parse_duration(getattr(self, name), name=name))
         if self.check_interval == 0:
             raise ConfigError("check_interval must be greater than 0")
-        set_(self, "max_loaded", _count(self.max_loaded, "max_loaded", optional=False, minimum=0))
+        set_(self, "max_loaded", check_count(self.max_loaded, "max_loaded"))
         set_(
             self,
             "max_concurrency",
-            _count(self.max_concurrency, "max_concurrency", optional=True, minimum=1),
+            check_count(self.max_concurrency, "max_concurrency", optional=True, minimum=1),
         )
-        set_(self, "max_waiting", _count(self.max_waiting, "max_waiting", optional=False, minimum=0))
+        set_(self, "max_waiting", check_count(self.max_waiting, "max_waiting"))
         threshold = _fraction(self.memory_threshold, "memory_threshold")
         set_(self, "memory_threshold", threshold)
         target = self.memory_target
@@ -191,7 +197,11 @@ class Settings:
 
     @classmethod
     def from_env(
-        cls, prefix: str = "WATCHDOG_", *, environ: Mapping[str, str] | None = None, **overrides: Any
+        cls,
+        prefix: str = "WATCHDOG_",
+        *,
+        environ: Mapping[str, str] | None = None,
+        **overrides: Any,
     ) -> Self:
         """Settings from environment variables ``PREFIX + NAME.upper()`` (e.g.
         ``WATCHDOG_IDLE_TIMEOUT=15m``); ``overrides`` win over the environment. A bad value
@@ -203,8 +213,9 @@ class Settings:
             if variable not in env:
                 continue
             raw = env[variable]
+            alone: dict[str, Any] = {name: raw}
             try:
-                cls(**{name: raw})  # validate this one value alone, to name its variable
+                cls(**alone)  # validate this one value alone, to name its variable
             except ConfigError as exc:
                 raise ConfigError(f"{variable}={raw!r}: {exc}") from None
             except Exception:  # e.g. memory_target without a threshold: checked together below

@@ -177,12 +177,8 @@ class TreeStopResult:
     killed: tuple[int, ...]
 
 
-# ``timeout`` is the grace period between SIGTERM and SIGKILL, not a deadline for the call.
 async def stop_tree(
-    ref: ProcessRef,
-    *,
-    timeout: float,  # noqa: ASYNC109
-    kill_wait: float | None = None,
+    ref: ProcessRef, *, timeout: float, kill_wait: float | None = None
 ) -> TreeStopResult:
     """Stop the registered process and all its descendants; never reap any of them.
 

@@ -27,13 +27,14 @@ from ._errors import (
     BackendStoppedError,
     CapacityError,
     ConfigError,
+    DuplicateBackendError,
     SupervisorClosedError,
     UnknownBackendError,
 )
 from ._events import BackendStatus, EventStream, Eviction, EvictionReason
 from ._memory import DeviceMemory, MemoryProbe, MemoryReading, check_reading, default_probe
 from ._registry import INHERIT, Backend, Call, CallState, Record, Registry
-from ._settings import Settings, parse_duration
+from ._settings import Settings, check_count, parse_duration
 from ._stopping import ProcessRef, stop_backend, tree_pids
 
 __all__ = ("BusyHandle", "Supervisor")
@@ -41,10 +42,12 @@ __all__ = ("BusyHandle", "Supervisor")
 Shutdown = Callable[[Backend], Awaitable[None]]
 Start = Callable[[str], Awaitable[tuple[str, Any]]]
 
-_QUEUED, _ENDED_QUEUED, _EXIT_QUEUED = CallState.QUEUED, CallState.ENDED_QUEUED, CallState.EXIT_QUEUED
-_FORCED = frozenset(
-    {EvictionReason.BUSY_TIMEOUT, EvictionReason.EXITED, EvictionReason.CLOSING}
+_QUEUED, _ENDED_QUEUED, _EXIT_QUEUED = (
+    CallState.QUEUED,
+    CallState.ENDED_QUEUED,
+    CallState.EXIT_QUEUED,
 )
+_FORCED = frozenset({EvictionReason.BUSY_TIMEOUT, EvictionReason.EXITED, EvictionReason.CLOSING})
 
 
 class _State(enum.Enum):
@@ -349,7 +352,9 @@ class Supervisor:
         self._stop_requested.set()
         return await self._outer_tg.__aexit__(exc_type, exc, tb)
 
-    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
         """Run until cancelled (or until ``async with`` ends); then close."""
         if self._state is not _State.CREATED:
             raise SupervisorClosedError("a Supervisor runs once; create a new one")
@@ -457,9 +462,9 @@ class Supervisor:
         *,
         process: object = None,
         pinned: bool = False,
-        idle_timeout: float | str | None | object = INHERIT,
+        idle_timeout: float | str | object | None = INHERIT,
         size: int | None = None,
-        max_concurrency: int | None | object = INHERIT,
+        max_concurrency: int | object | None = INHERIT,
     ) -> Backend:
         """Track a backend. ``process`` (pid, psutil/asyncio/anyio process or Popen) is what
         gets signalled when it must be stopped; its create time is recorded now."""
@@ -472,17 +477,12 @@ class Supervisor:
             raise ConfigError(f"pinned must be a bool, got {pinned!r}")
         if idle_timeout is not INHERIT:
             idle_timeout = parse_duration(idle_timeout, name="idle_timeout", optional=True)
-        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 0):
-            raise ConfigError(f"size must be a number of bytes >= 0, got {size!r}")
-        if max_concurrency is not INHERIT and max_concurrency is not None and (
-            isinstance(max_concurrency, bool)
-            or not isinstance(max_concurrency, int)
-            or max_concurrency < 1
-        ):
-            raise ConfigError(f"max_concurrency must be a whole number >= 1, got {max_concurrency!r}")
+        size = check_count(size, "size", optional=True)
+        if max_concurrency is not INHERIT:
+            max_concurrency = check_count(
+                max_concurrency, "max_concurrency", optional=True, minimum=1
+            )
         if address in self._registry.records:
-            from ._errors import DuplicateBackendError
-
             raise DuplicateBackendError(address)
         ref = _validate_process(process)
         record = Record(
@@ -491,9 +491,9 @@ class Supervisor:
             now=self._clock(),
             process=ref,
             pinned=pinned,
-            idle_timeout=idle_timeout,  # type: ignore[arg-type]
+            idle_timeout=idle_timeout,
             size=size,
-            max_concurrency=max_concurrency,  # type: ignore[arg-type]
+            max_concurrency=max_concurrency,
         )
         self._registry.add(record)
         self._set_limiter(record)
@@ -764,9 +764,7 @@ class Supervisor:
 
     async def _detect_exits(self) -> None:
         watched = [
-            (r, r.process)
-            for r in self._registry
-            if r.process is not None and r.stopping is None
+            (r, r.process) for r in self._registry if r.process is not None and r.stopping is None
         ]
         if not watched:
             return
@@ -938,7 +936,9 @@ class Supervisor:
             try:
                 if self._probe is None:
                     self._probe = default_probe()
-                    logger.info("memory probe: {}", getattr(self._probe, "description", self._probe))
+                    logger.info(
+                        "memory probe: {}", getattr(self._probe, "description", self._probe)
+                    )
                 return self._probe.read()
             finally:
                 self._probe_running = False
@@ -998,13 +998,17 @@ class Supervisor:
                 self._drain()
                 held = await self._held_on(current)
                 victims = policy.memory_victims(
-                    self._registry, held, force=settings.force_eviction_when_busy,
+                    self._registry,
+                    held,
+                    force=settings.force_eviction_when_busy,
                     exclude=attempted,
                 )
                 if not victims:
                     logger.warning(
                         "memory on {} at {:.1%} (target {:.1%}): nothing evictable",
-                        current.name, current.used / current.total, target,
+                        current.name,
+                        current.used / current.total,
+                        target,
                     )
                     break
                 victim = victims[0]
@@ -1023,7 +1027,14 @@ class Supervisor:
         while True:
             reading = await self._read_memory()
             if reading is not None:
-                latest = next((d for d in reading.devices if d.index == before.index), None)
+                latest = next(
+                    (
+                        d
+                        for d in reading.devices
+                        if (d.kind, d.index) == (before.kind, before.index)
+                    ),
+                    None,
+                )
                 if latest is None or policy.memory_released(before, latest):
                     return latest
             if anyio.current_time() >= deadline:
@@ -1088,26 +1099,25 @@ class Supervisor:
             try:
                 await load.done.wait()
             except BaseException:
-                handle = load.waiters.pop(task, None)
-                if handle is not None:
-                    handle._leave()
+                admitted = load.waiters.pop(task, None)
+                if admitted is not None:
+                    admitted._leave()
                 raise
-            handle = load.waiters.pop(task, None)
+            admitted = load.waiters.pop(task, None)
             if load.error is not None:
                 raise load.error
-            if handle is not None:
-                return handle
+            if admitted is not None:
+                return admitted
             # not admitted at once (concurrency limit) or gone already: go round again
 
     async def _load(self, model: str, start: Start, memory: int | None, load: _Load) -> None:
         record: Record | None = None
         try:
-            await self._make_room(
-                pending=0, memory=memory, timeout=None, force=None, reserve=True
-            )
+            await self._make_room(pending=0, memory=memory, timeout=None, force=None, reserve=True)
             try:
                 with anyio.fail_after(
-                    math.inf if self._settings.start_timeout is None
+                    math.inf
+                    if self._settings.start_timeout is None
                     else self._settings.start_timeout
                 ):
                     started = await start(model)
@@ -1139,9 +1149,7 @@ def _unpack_started(started: object) -> tuple[str, object]:
         return started, None
     if isinstance(started, tuple) and len(started) == 2 and isinstance(started[0], str):
         return started[0], started[1]
-    raise ConfigError(
-        f"start() must return (address, process) or an address, got {started!r}"
-    )
+    raise ConfigError(f"start() must return (address, process) or an address, got {started!r}")
 
 
 def _not_running_clock() -> float:
