@@ -35,7 +35,7 @@ from ._events import BackendStatus, EventStream, Eviction, EvictionReason
 from ._memory import DeviceMemory, MemoryProbe, MemoryReading, check_reading, default_probe
 from ._registry import INHERIT, Backend, Call, CallState, Record, Registry
 from ._settings import Settings, check_count, parse_duration
-from ._stopping import ProcessRef, stop_backend, tree_pids
+from ._stopping import ProcessRef, stop_backend, stop_tree, tree_pids
 
 __all__ = ("BusyHandle", "Supervisor")
 
@@ -316,6 +316,7 @@ class Supervisor:
         self._loading: dict[str, _Load] = {}
         self._reserved = 0  # loads that made room and are not registered yet
         self._stops: set[_Stop] = set()
+        self._watched: set[Record] = set()  # records with a process: checked for exits
         self._probe_running = False
         self._faults: dict[str, int] = {}
 
@@ -364,7 +365,6 @@ class Supervisor:
         if callable(listen):
             listen(self._wake_deadline_loop)  # a hand-driven clock wakes us when it moves
         self._stop_requested = anyio.Event()
-        self._changed = anyio.Event()
         self._state = _State.RUNNING
         try:
             async with anyio.create_task_group() as tg:
@@ -392,9 +392,6 @@ class Supervisor:
     async def _close(self) -> None:
         self._state = _State.CLOSING
         self._drain()
-        for load in self._loading.values():
-            for task in load.waiters:
-                task.cancel()
         for record in self._registry:
             if record.limiter is not None:
                 record.limiter.fail_waiters(
@@ -496,6 +493,8 @@ class Supervisor:
             max_concurrency=max_concurrency,
         )
         self._registry.add(record)
+        if ref is not None:
+            self._watched.add(record)
         self._set_limiter(record)
         policy.schedule(self._registry, record, self._settings)
         self._wake_if_earlier()
@@ -507,7 +506,7 @@ class Supervisor:
         self._check_running()
         self._drain()
         record = self._registry.get(address)
-        self._registry.remove(record)
+        self._untrack(record)
         if record.limiter is not None:
             record.limiter.set_limit(1 << 62)
         self._notify_changed()
@@ -615,15 +614,18 @@ class Supervisor:
             self._apply(queue.get_nowait())
 
     def _notify_changed(self) -> None:
-        if self._changed is not None:
-            self._changed.set()
-            self._changed = anyio.Event()
+        changed = self._changed
+        if changed is not None:  # someone waits: wake them (nothing to do otherwise)
+            self._changed = None
+            changed.set()
 
     async def _wait_changed(self, deadline: float) -> bool:
         """Wait for a backend to go idle, be removed or finish stopping; False at deadline."""
-        assert self._changed is not None
+        if self._changed is None:
+            self._changed = anyio.Event()
+        changed = self._changed
         with anyio.move_on_after(max(0.0, deadline - anyio.current_time())):
-            await self._changed.wait()
+            await changed.wait()
             return True
         return False
 
@@ -720,7 +722,7 @@ class Supervisor:
         record.stop = None
         record.claimed = False
         if ok:
-            self._registry.remove(record)
+            self._untrack(record)
         else:  # still tracked and counted; idle from now so a retry is not immediate
             record.stopping = None
             record.idle_since = max(record.idle_since, self._clock())
@@ -762,9 +764,13 @@ class Supervisor:
         else:
             logger.debug("{} failed again: {!r}", kind, exc)
 
+    def _untrack(self, record: Record) -> None:
+        self._registry.remove(record)
+        self._watched.discard(record)
+
     async def _detect_exits(self) -> None:
         watched = [
-            (r, r.process) for r in self._registry if r.process is not None and r.stopping is None
+            (r, r.process) for r in self._watched if r.stopping is None and r.process is not None
         ]
         if not watched:
             return
@@ -782,7 +788,7 @@ class Supervisor:
             record.limiter.fail_waiters(
                 lambda: BackendStoppedError(record.address, EvictionReason.EXITED)
             )
-        self._registry.remove(record)
+        self._untrack(record)
         self._publish(Eviction(record.address, record.model, EvictionReason.EXITED, ok=True))
         self._notify_changed()
 
@@ -874,7 +880,7 @@ class Supervisor:
                 len(registry), self._reserved + pending, self._settings.max_loaded
             )
             # stops already running that nobody counts on free a slot each
-            unclaimed = [r for r in registry if r.stop is not None and not r.claimed][:need]
+            unclaimed = [s.record for s in self._stops if not s.record.claimed][:need]
             victims = policy.lru_victims(
                 registry, need - len(unclaimed), force=force, exclude=attempted
             )
@@ -1122,7 +1128,11 @@ class Supervisor:
                 ):
                     started = await start(model)
                 address, process = _unpack_started(started)
-                self.register(address, model, process=process)
+                try:
+                    self.register(address, model, process=process)
+                except BaseException:
+                    await self._discard_started(process)
+                    raise
                 record = self._registry.get(address)
             finally:
                 self._reserved -= 1
@@ -1142,6 +1152,17 @@ class Supervisor:
                         handle._enter(record, task)
                         load.waiters[task] = handle
             load.done.set()
+
+    async def _discard_started(self, process: object) -> None:
+        """A started backend that could not be registered must not be left running."""
+        if process is None:
+            return
+        with anyio.CancelScope(shield=True) as scope:
+            scope.deadline = anyio.current_time() + self._close_bound()
+            try:
+                await stop_tree(ProcessRef.resolve(process), timeout=self._settings.stop_timeout)
+            except Exception as exc:
+                self._fault("stop", exc)
 
 
 def _unpack_started(started: object) -> tuple[str, object]:
