@@ -95,7 +95,7 @@ def test_call_that_ends_before_its_mark_is_applied_is_one_message() -> None:
     call = Call(record, 5.0)
     call.exited_at = 6.0
     call.state = CallState.ENDED_QUEUED
-    assert registry.apply(call) is True
+    assert registry.apply(call) is False  # no decision saw it busy: not a transition
     assert record.inflight == 0
     assert record.idle_since == 6.0
     assert record.last_used == 6.0

@@ -62,20 +62,27 @@ def max_concurrency(record: Record, settings: Settings) -> int | None:
     return settings.max_concurrency if limit is INHERIT else limit
 
 
-def schedule(registry: Registry, record: Record, settings: Settings) -> None:
-    """Make sure the heap that matters for the record's state holds an entry for it.
-    At most one entry per heap per record; entries may be early, never late."""
+def schedule(registry: Registry, record: Record, settings: Settings) -> bool:
+    """Make sure the heap that matters for the record's state holds an entry for it; True
+    when an entry was pushed. At most one entry per heap per record; entries may be early,
+    never late."""
     if record.calls:
-        if not record.busy_scheduled:
-            deadline = busy_deadline(record, settings)
-            if deadline is not None:
-                registry.busy_heap.push(deadline, record)
-                record.busy_scheduled = True
-    elif not record.idle_scheduled:
-        deadline = idle_deadline(record, settings)
-        if deadline is not None:
-            registry.idle_heap.push(deadline, record)
-            record.idle_scheduled = True
+        if record.busy_scheduled or settings.busy_timeout is None:
+            return False
+        deadline = busy_deadline(record, settings)
+        if deadline is None:
+            return False
+        registry.busy_heap.push(deadline, record)
+        record.busy_scheduled = True
+        return True
+    if record.idle_scheduled or (settings.idle_timeout is None and record.idle_timeout is INHERIT):
+        return False
+    deadline = idle_deadline(record, settings)
+    if deadline is None:
+        return False
+    registry.idle_heap.push(deadline, record)
+    record.idle_scheduled = True
+    return True
 
 
 def reschedule_all(registry: Registry, settings: Settings) -> None:

@@ -241,34 +241,41 @@ class Registry:
             self._use(record, at)
 
     def apply(self, call: Call) -> bool:
-        """Apply one queued message for ``call``; True when its backend went idle."""
+        """Apply one queued message for ``call``. True when the backend changed between busy
+        and idle (its deadlines need scheduling, and waiters for an idle backend may go on)."""
         record = call.record
         state = call.state
+        if state is CallState.ENDED_QUEUED:
+            # Entered and left before the mark was applied: a use, and idle from its exit. No
+            # decision saw it in flight (every decision applies the queue first), so the
+            # backend did not change between busy and idle for anyone.
+            call.state = CallState.DONE
+            if record.registered:
+                at = call.exited_at
+                if at > record.last_used:
+                    record.last_used = at
+                self.records.move_to_end(record.address)
+                if not record.calls and at > record.idle_since:
+                    record.idle_since = at
+            return False
         if state is CallState.QUEUED:
             call.state = CallState.ACTIVE
-            record.calls.add(call)
-            if call.entered_at > record.last_progress:
-                record.last_progress = call.entered_at
+            calls = record.calls
+            calls.add(call)
+            at = call.entered_at
+            if at > record.last_progress:
+                record.last_progress = at
             if record.registered:
-                self._use(record, call.entered_at)
-            return False
-        if state is CallState.ENDED_QUEUED:
-            # entered and left before the mark was applied: a use, and idle from its exit
-            call.state = CallState.DONE
-            if not record.registered:
-                return False
-            self._use(record, call.exited_at)
-            if not record.calls and call.exited_at > record.idle_since:
-                record.idle_since = call.exited_at
-                return True
-            return False
+                self._use(record, at)
+            return len(calls) == 1
         if state is CallState.EXIT_QUEUED:
             call.state = CallState.DONE
             record.calls.discard(call)
             if not record.registered:
                 return False
             self._use(record, call.exited_at)
-            if not record.calls:
-                record.idle_since = call.exited_at
-                return True
+            if record.calls:
+                return False
+            record.idle_since = call.exited_at
+            return True
         return False

@@ -12,7 +12,7 @@ import dataclasses
 import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Self
 
@@ -139,45 +139,17 @@ class Settings:
     max_waiting: int = 512
 
     def __post_init__(self) -> None:
-        set_ = object.__setattr__
-        for name in ("busy_timeout", "idle_timeout", "start_timeout"):
-            set_(self, name, parse_duration(getattr(self, name), name=name, optional=True))
-        for name in (
-            "check_interval",
-            "eviction_timeout",
-            "stop_timeout",
-            "memory_recovery_timeout",
-            "probe_timeout",
-        ):
-            set_(self, name, parse_duration(getattr(self, name), name=name))
-        if self.check_interval == 0:
-            raise ConfigError("check_interval must be greater than 0")
-        set_(self, "max_loaded", check_count(self.max_loaded, "max_loaded"))
-        set_(
-            self,
-            "max_concurrency",
-            check_count(self.max_concurrency, "max_concurrency", optional=True, minimum=1),
-        )
-        set_(self, "max_waiting", check_count(self.max_waiting, "max_waiting"))
-        threshold = _fraction(self.memory_threshold, "memory_threshold")
-        set_(self, "memory_threshold", threshold)
-        target = self.memory_target
-        if isinstance(target, str) and target.strip().lower() in _OFF:
-            target = None
+        for name, normalise in _NORMALISERS.items():
+            object.__setattr__(self, name, normalise(getattr(self, name), name))
+        # the rules that join two fields
+        threshold, target = self.memory_threshold, self.memory_target
         if target is not None:
             if threshold is None:
                 raise ConfigError("memory_target needs memory_threshold")
-            if isinstance(target, int | float) and not isinstance(target, bool) and target == 0:
-                target_value = 0.0
-            else:
-                target_value = _fraction(target, "memory_target") or 0.0
-            if target_value >= threshold:
+            if target >= threshold:
                 raise ConfigError(
-                    f"memory_target ({target_value}) must be below memory_threshold ({threshold})"
+                    f"memory_target ({target}) must be below memory_threshold ({threshold})"
                 )
-            set_(self, "memory_target", target_value)
-        for name in ("force_eviction_when_busy", "stop_on_exit"):
-            set_(self, name, _flag(getattr(self, name), name))
 
     @property
     def effective_memory_target(self) -> float | None:
@@ -190,9 +162,7 @@ class Settings:
 
     def replace(self, **changes: Any) -> Self:
         """A new Settings with ``changes`` applied, validated as a whole."""
-        unknown = sorted(set(changes) - set(_FIELD_NAMES))
-        if unknown:
-            raise ConfigError(f"unknown setting(s): {', '.join(unknown)}")
+        _refuse_unknown(changes)
         return dataclasses.replace(self, **changes)
 
     @classmethod
@@ -206,27 +176,73 @@ class Settings:
         """Settings from environment variables ``PREFIX + NAME.upper()`` (e.g.
         ``WATCHDOG_IDLE_TIMEOUT=15m``); ``overrides`` win over the environment. A bad value
         raises :class:`ConfigError` naming the variable."""
+        _refuse_unknown(overrides)
         env = os.environ if environ is None else environ
         values: dict[str, Any] = {}
-        for name in _FIELD_NAMES:
+        source: dict[str, str] = {}
+        for name, normalise in _NORMALISERS.items():
             variable = prefix + name.upper()
-            if variable not in env:
-                continue
-            raw = env[variable]
-            alone: dict[str, Any] = {name: raw}
-            try:
-                cls(**alone)  # validate this one value alone, to name its variable
-            except ConfigError as exc:
-                raise ConfigError(f"{variable}={raw!r}: {exc}") from None
-            except Exception:  # e.g. memory_target without a threshold: checked together below
-                pass
-            values[name] = raw
+            if variable in env:
+                raw = env[variable]
+                try:
+                    values[name] = normalise(raw, name)
+                except ConfigError as exc:
+                    raise ConfigError(f"{variable}={raw!r}: {exc}") from None
+                source[name] = f"{variable}={raw!r}"
         values.update(overrides)
         try:
             return cls(**values)
         except ConfigError as exc:
-            named = ", ".join(f"{prefix}{n.upper()}={values[n]!r}" for n in values)
-            raise ConfigError(f"{exc} (from {named})") from None
+            named = ", ".join(source[n] for n in values if n in source and n not in overrides)
+            raise ConfigError(f"{exc} (from {named})" if named else str(exc)) from None
 
 
-_FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Settings))
+def _refuse_unknown(names: Iterable[str]) -> None:
+    unknown = sorted(set(names) - set(_NORMALISERS))
+    if unknown:
+        raise ConfigError(f"unknown setting(s): {', '.join(unknown)}")
+
+
+def _duration(value: object, name: str) -> float:
+    seconds = parse_duration(value, name=name)
+    assert seconds is not None
+    return seconds
+
+
+def _optional_duration(value: object, name: str) -> float | None:
+    return parse_duration(value, name=name, optional=True)
+
+
+def _interval(value: object, name: str) -> float:
+    seconds = _duration(value, name)
+    if seconds == 0:
+        raise ConfigError(f"{name} must be greater than 0")
+    return seconds
+
+
+def _target(value: object, name: str) -> float | None:
+    if isinstance(value, int | float) and not isinstance(value, bool) and value == 0:
+        return 0.0  # evict down to nothing: allowed, unlike a threshold of 0
+    return _fraction(value, name)
+
+
+# How each field is read and checked, alone (the rules joining fields are in __post_init__).
+_NORMALISERS: dict[str, Callable[[object, str], Any]] = {
+    "busy_timeout": _optional_duration,
+    "idle_timeout": _optional_duration,
+    "max_loaded": check_count,
+    "memory_threshold": _fraction,
+    "memory_target": _target,
+    "check_interval": _interval,
+    "force_eviction_when_busy": _flag,
+    "eviction_timeout": _duration,
+    "stop_timeout": _duration,
+    "stop_on_exit": _flag,
+    "memory_recovery_timeout": _duration,
+    "probe_timeout": _duration,
+    "start_timeout": _optional_duration,
+    "max_concurrency": lambda value, name: check_count(value, name, optional=True, minimum=1),
+    "max_waiting": check_count,
+}
+
+assert set(_NORMALISERS) == {f.name for f in dataclasses.fields(Settings)}

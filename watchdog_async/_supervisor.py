@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import math
+import sys
 import threading
+import time
 import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
@@ -30,6 +33,7 @@ from ._errors import (
     DuplicateBackendError,
     SupervisorClosedError,
     UnknownBackendError,
+    WatchdogError,
 )
 from ._events import BackendStatus, EventStream, Eviction, EvictionReason
 from ._memory import DeviceMemory, MemoryProbe, MemoryReading, check_reading, default_probe
@@ -66,12 +70,10 @@ class BusyHandle(Call):
 
     __slots__ = ("_address", "_sup", "_wait_timeout", "limiter", "stopped", "task")
 
-    def __init__(self, sup: Supervisor, address: str, wait_timeout: float | None = None) -> None:
+    def __init__(self, sup: Supervisor, address: str) -> None:
         self._sup = sup
         self._address = address
-        self._wait_timeout = wait_timeout
         self.stopped: EvictionReason | None = None  # set when the supervisor stopped the backend
-        self.task: asyncio.Task[Any] | None = None
         self.limiter: _Limiter | None = None
 
     @property
@@ -90,37 +92,41 @@ class BusyHandle(Call):
         check and this mark)."""
         sup = self._sup
         self.record = record
-        self.entered_at = self.exited_at = sup._clock()
+        self.entered_at = sup._clock()
         self.state = _QUEUED
         self.task = task
-        sup._queue.put_nowait(self)
+        sup._put(self)
 
     def _leave(self) -> None:
-        self.exited_at = self._sup._clock()
+        """Record the exit: one message for both if the mark is still queued."""
+        sup = self._sup
+        self.exited_at = sup._clock()
         if self.state is _QUEUED:
             self.state = _ENDED_QUEUED
         else:
             self.state = _EXIT_QUEUED
-            self._sup._queue.put_nowait(self)
+            sup._put(self)
         limiter = self.limiter
         if limiter is not None:
             self.limiter = None
             limiter.release()
 
+    # __aenter__ and __aexit__ inline _enter and _leave: they are the hot path.
     async def __aenter__(self) -> Self:
         sup = self._sup
-        if sup._state is not _State.RUNNING:
-            raise sup._closed_error()
-        record = sup._registry.records.get(self._address)
-        if record is None:
-            raise UnknownBackendError(self._address)
-        if record.stopping is not None:
-            raise BackendStoppedError(self._address, record.stopping)
+        # _records is emptied when the supervisor closes: one lookup checks both
+        record = sup._records.get(self._address)
+        if record is None or record.stopping is not None:
+            raise sup._refusal(self._address, record)
         limiter = record.limiter
         if limiter is not None:
-            await limiter.acquire(self, self._wait_timeout)
+            await limiter.acquire(self, getattr(self, "_wait_timeout", None))
             self.limiter = limiter
-        self._enter(record, asyncio.current_task())
+        self.record = record
+        self.entered_at = sup._clock()
+        self.state = _QUEUED
+        self.task = sup._current_task()
+        sup._put(self)
         return self
 
     async def __aexit__(
@@ -129,7 +135,16 @@ class BusyHandle(Call):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> bool:
-        self._leave()
+        sup = self._sup
+        self.exited_at = sup._clock()
+        if self.state is _QUEUED:
+            self.state = _ENDED_QUEUED
+        else:
+            self.state = _EXIT_QUEUED
+            sup._put(self)
+        if self.limiter is not None:
+            limiter, self.limiter = self.limiter, None
+            limiter.release()
         if self.stopped is not None:
             self._raise_stopped(exc)
         return False
@@ -288,9 +303,12 @@ class Supervisor:
         settings: Settings | None = None,
         **values: Any,
     ) -> None:
-        if settings is not None and values:
+        if settings is None:
+            settings = Settings().replace(**values)
+        elif values:
+            Settings().replace(**values)  # names an unknown setting first
             raise ConfigError("pass either settings= or individual settings, not both")
-        self._settings = settings if settings is not None else Settings().replace(**values)
+        self._settings = settings
         if shutdown is not None and not callable(shutdown):
             raise ConfigError(f"shutdown must be an async callable, got {shutdown!r}")
         if clock is not None and not callable(clock):
@@ -304,6 +322,9 @@ class Supervisor:
         self._state = _State.CREATED
         self._registry = Registry()
         self._queue: asyncio.Queue[BusyHandle] = asyncio.Queue()
+        self._put = self._queue.put_nowait
+        self._records: dict[str, Record] = self._registry.records  # the hot path's lookup
+        self._current_task: Callable[[], asyncio.Task[Any] | None] = asyncio.current_task
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tg: anyio.abc.TaskGroup | None = None
         self._outer_tg: anyio.abc.TaskGroup | None = None
@@ -319,6 +340,7 @@ class Supervisor:
         self._watched: set[Record] = set()  # records with a process: checked for exits
         self._probe_running = False
         self._faults: dict[str, int] = {}
+        self._last_reading: MemoryReading | None = None
 
     @classmethod
     def from_env(cls, prefix: str = "WATCHDOG_", **kwargs: Any) -> Self:
@@ -359,8 +381,9 @@ class Supervisor:
         """Run until cancelled (or until ``async with`` ends); then close."""
         if self._state is not _State.CREATED:
             raise SupervisorClosedError("a Supervisor runs once; create a new one")
-        self._loop = asyncio.get_running_loop()
-        self._clock = self._given_clock or self._loop.time
+        self._loop = loop = asyncio.get_running_loop()
+        self._clock = self._given_clock or _loop_clock(loop)
+        self._current_task = _task_getter(loop)
         listen = getattr(self._given_clock, "add_listener", None)
         if callable(listen):
             listen(self._wake_deadline_loop)  # a hand-driven clock wakes us when it moves
@@ -391,6 +414,7 @@ class Supervisor:
 
     async def _close(self) -> None:
         self._state = _State.CLOSING
+        self._records = {}  # busy() refuses new calls from now on
         self._drain()
         for record in self._registry:
             if record.limiter is not None:
@@ -403,6 +427,15 @@ class Supervisor:
                 await stop.wait()
         for stop in list(self._stops):
             await stop.wait()
+
+    def _refusal(self, address: str, record: Record | None) -> WatchdogError:
+        """Why ``busy()`` refuses a call at once."""
+        if self._state is not _State.RUNNING:
+            return self._closed_error()
+        if record is None:
+            return UnknownBackendError(address)
+        assert record.stopping is not None
+        return BackendStoppedError(address, record.stopping)
 
     def _closed_error(self) -> SupervisorClosedError:
         if self._state is _State.CREATED:
@@ -514,7 +547,10 @@ class Supervisor:
 
     def busy(self, address: str, *, wait_timeout: float | None = None) -> BusyHandle:
         """``async with sup.busy(address) as call:`` around every call to the backend."""
-        return BusyHandle(self, address, wait_timeout)
+        handle = BusyHandle(self, address)
+        if wait_timeout is not None:  # set only when given: the common path stores less
+            handle._wait_timeout = parse_duration(wait_timeout, name="wait_timeout")
+        return handle
 
     @contextmanager
     def busy_sync(self, address: str) -> Iterator[BusyHandle]:
@@ -584,6 +620,11 @@ class Supervisor:
         return subscription
 
     @property
+    def memory_reading(self) -> MemoryReading | None:
+        """The last valid memory reading the reclaimer took (None before the first)."""
+        return self._last_reading
+
+    @property
     def faults(self) -> dict[str, int]:
         """How many times each kind of failure (probe, callback, signal...) has happened."""
         return dict(self._faults)
@@ -591,27 +632,39 @@ class Supervisor:
     # -- queue ------------------------------------------------------------------------------
 
     async def _consume(self) -> None:
-        queue = self._queue
+        get = self._queue.get
         while True:
-            call = await queue.get()
-            self._apply(call)
-            self._drain()
+            self._drain(await get())
 
-    def _apply(self, call: Call) -> None:
-        registry = self._registry
-        record = call.record
-        went_idle = registry.apply(call)
-        if record.registered:
-            policy.schedule(registry, record, self._settings)
-        if went_idle:
-            self._notify_changed()
-            self._wake_if_earlier()
-
-    def _drain(self) -> None:
-        """Apply every queued message now, so a call that entered busy() is seen in flight."""
+    def _drain(self, first: BusyHandle | None = None) -> None:
+        """Apply every queued message now (after ``first``, already taken off the queue), so a
+        call that entered busy() is always seen in flight. Synchronous: nothing is put on the
+        queue meanwhile, so the count taken first is the count to apply."""
         queue = self._queue
-        while queue.qsize():
-            self._apply(queue.get_nowait())
+        left = queue.qsize()
+        if first is None:
+            if not left:
+                return
+            first, left = queue.get_nowait(), left - 1
+        get, apply, schedule = queue.get_nowait, self._registry.apply, policy.schedule
+        registry, settings = self._registry, self._settings
+        went_idle = pushed = False
+        call = first
+        while True:
+            if apply(call):  # between busy and idle: schedule its deadline
+                record = call.record
+                if not record.calls:
+                    went_idle = True
+                if record.registered and schedule(registry, record, settings):
+                    pushed = True
+            if not left:
+                break
+            left -= 1
+            call = get()
+        if pushed:
+            self._wake_if_earlier()
+        if went_idle and self._changed is not None:
+            self._notify_changed()
 
     def _notify_changed(self) -> None:
         changed = self._changed
@@ -966,6 +1019,7 @@ class Supervisor:
             self._fault("memory probe", ValueError(problem))
             return None
         assert isinstance(reading, MemoryReading)
+        self._last_reading = reading
         return reading
 
     async def _held_on(self, device: DeviceMemory) -> dict[str, int]:
@@ -1171,6 +1225,21 @@ def _unpack_started(started: object) -> tuple[str, object]:
     if isinstance(started, tuple) and len(started) == 2 and isinstance(started[0], str):
         return started[0], started[1]
     raise ConfigError(f"start() must return (address, process) or an address, got {started!r}")
+
+
+def _loop_clock(loop: asyncio.AbstractEventLoop) -> Callable[[], float]:
+    """The loop's clock; ``time.monotonic`` itself where the loop's is just that (cheaper on
+    the hot path). A virtual-time loop (looptime) keeps its own."""
+    if type(loop).time is asyncio.BaseEventLoop.time:
+        return time.monotonic
+    return loop.time
+
+
+def _task_getter(loop: asyncio.AbstractEventLoop) -> Callable[[], asyncio.Task[Any] | None]:
+    """``asyncio.current_task`` without its Python-level wrapper on 3.11 (C from 3.12)."""
+    if sys.version_info >= (3, 12):
+        return asyncio.current_task
+    return functools.partial(asyncio.tasks._current_tasks.get, loop)  # type: ignore[attr-defined]
 
 
 def _not_running_clock() -> float:
