@@ -69,6 +69,7 @@ class BusyHandle(Call):
     """
 
     __slots__ = ("_address", "_sup", "_wait_timeout", "limiter", "stopped", "task")
+    _wait_timeout: float  # set only when busy() was given one
 
     def __init__(self, sup: Supervisor, address: str) -> None:
         self._sup = sup
@@ -545,11 +546,12 @@ class Supervisor:
         self._notify_changed()
         return record.public
 
-    def busy(self, address: str, *, wait_timeout: float | None = None) -> BusyHandle:
-        """``async with sup.busy(address) as call:`` around every call to the backend."""
+    def busy(self, address: str, *, wait_timeout: float | str | None = None) -> BusyHandle:
+        """``async with sup.busy(address) as call:`` around every call to the backend.
+        ``wait_timeout`` bounds the wait for a free slot where ``max_concurrency`` applies."""
         handle = BusyHandle(self, address)
         if wait_timeout is not None:  # set only when given: the common path stores less
-            handle._wait_timeout = parse_duration(wait_timeout, name="wait_timeout")
+            handle._wait_timeout = _checked_duration(wait_timeout, "wait_timeout")
         return handle
 
     @contextmanager
@@ -1225,6 +1227,12 @@ def _unpack_started(started: object) -> tuple[str, object]:
     if isinstance(started, tuple) and len(started) == 2 and isinstance(started[0], str):
         return started[0], started[1]
     raise ConfigError(f"start() must return (address, process) or an address, got {started!r}")
+
+
+def _checked_duration(value: object, name: str) -> float:
+    seconds = parse_duration(value, name=name)
+    assert seconds is not None
+    return seconds
 
 
 def _loop_clock(loop: asyncio.AbstractEventLoop) -> Callable[[], float]:
