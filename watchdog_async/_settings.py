@@ -18,7 +18,7 @@ from typing import Any, Self
 
 from ._errors import ConfigError
 
-__all__ = ("Settings", "check_count", "parse_duration")
+__all__ = ("Settings", "check_count", "parse_duration", "required_duration")
 
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ms|s|m|h|d)")
@@ -203,7 +203,8 @@ def _refuse_unknown(names: Iterable[str]) -> None:
         raise ConfigError(f"unknown setting(s): {', '.join(unknown)}")
 
 
-def _duration(value: object, name: str) -> float:
+def required_duration(value: object, name: str) -> float:
+    """Seconds from a duration that cannot be turned off."""
     seconds = parse_duration(value, name=name)
     assert seconds is not None
     return seconds
@@ -214,7 +215,7 @@ def _optional_duration(value: object, name: str) -> float | None:
 
 
 def _interval(value: object, name: str) -> float:
-    seconds = _duration(value, name)
+    seconds = required_duration(value, name)
     if seconds == 0:
         raise ConfigError(f"{name} must be greater than 0")
     return seconds
@@ -235,11 +236,11 @@ _NORMALISERS: dict[str, Callable[[object, str], Any]] = {
     "memory_target": _target,
     "check_interval": _interval,
     "force_eviction_when_busy": _flag,
-    "eviction_timeout": _duration,
-    "stop_timeout": _duration,
+    "eviction_timeout": required_duration,
+    "stop_timeout": required_duration,
     "stop_on_exit": _flag,
-    "memory_recovery_timeout": _duration,
-    "probe_timeout": _duration,
+    "memory_recovery_timeout": required_duration,
+    "probe_timeout": required_duration,
     "start_timeout": _optional_duration,
     "max_concurrency": lambda value, name: check_count(value, name, optional=True, minimum=1),
     "max_waiting": check_count,

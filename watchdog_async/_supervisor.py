@@ -38,7 +38,7 @@ from ._errors import (
 from ._events import BackendStatus, EventStream, Eviction, EvictionReason
 from ._memory import DeviceMemory, MemoryProbe, MemoryReading, check_reading, default_probe
 from ._registry import INHERIT, Backend, Call, CallState, Record, Registry
-from ._settings import Settings, check_count, parse_duration
+from ._settings import Settings, check_count, parse_duration, required_duration
 from ._stopping import ProcessRef, stop_backend, stop_tree, tree_pids
 
 __all__ = ("BusyHandle", "Supervisor")
@@ -551,7 +551,7 @@ class Supervisor:
         ``wait_timeout`` bounds the wait for a free slot where ``max_concurrency`` applies."""
         handle = BusyHandle(self, address)
         if wait_timeout is not None:  # set only when given: the common path stores less
-            handle._wait_timeout = _checked_duration(wait_timeout, "wait_timeout")
+            handle._wait_timeout = required_duration(wait_timeout, "wait_timeout")
         return handle
 
     @contextmanager
@@ -1227,12 +1227,6 @@ def _unpack_started(started: object) -> tuple[str, object]:
     if isinstance(started, tuple) and len(started) == 2 and isinstance(started[0], str):
         return started[0], started[1]
     raise ConfigError(f"start() must return (address, process) or an address, got {started!r}")
-
-
-def _checked_duration(value: object, name: str) -> float:
-    seconds = parse_duration(value, name=name)
-    assert seconds is not None
-    return seconds
 
 
 def _loop_clock(loop: asyncio.AbstractEventLoop) -> Callable[[], float]:
