@@ -51,7 +51,7 @@ _QUEUED, _ENDED_QUEUED, _EXIT_QUEUED = (
     CallState.ENDED_QUEUED,
     CallState.EXIT_QUEUED,
 )
-_FORCED = frozenset({EvictionReason.BUSY_TIMEOUT, EvictionReason.EXITED, EvictionReason.CLOSING})
+_COALESCE = 0.001  # seconds the consumer lets busy messages gather before applying them
 
 
 class _State(enum.Enum):
@@ -324,6 +324,7 @@ class Supervisor:
         self._registry = Registry()
         self._queue: asyncio.Queue[BusyHandle] = asyncio.Queue()
         self._put = self._queue.put_nowait
+        self._held: BusyHandle | None = None  # taken off the queue by the consumer, not applied
         self._records: dict[str, Record] = self._registry.records  # the hot path's lookup
         self._current_task: Callable[[], asyncio.Task[Any] | None] = asyncio.current_task
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -636,17 +637,27 @@ class Supervisor:
     async def _consume(self) -> None:
         get = self._queue.get
         while True:
-            self._drain(await get())
+            self._held = await get()  # still "queued": every drain applies it first
+            # Let messages gather for a moment: a call that enters and ends within it travels
+            # as one message instead of two, and a batch costs one wake-up. Decisions never
+            # wait for this (they apply the queue first); deadlines are computed from the
+            # readings the messages carry; callers waiting for an idle backend skip it.
+            if self._changed is None:
+                await anyio.sleep(_COALESCE)
+            self._drain()
 
-    def _drain(self, first: BusyHandle | None = None) -> None:
-        """Apply every queued message now (after ``first``, already taken off the queue), so a
-        call that entered busy() is always seen in flight. Synchronous: nothing is put on the
-        queue meanwhile, so the count taken first is the count to apply."""
+    def _drain(self) -> None:
+        """Apply every queued message now (the one the consumer holds first), so a call that
+        entered busy() is always seen in flight. Synchronous: nothing is put on the queue
+        meanwhile, so the count taken first is the count to apply."""
         queue = self._queue
         left = queue.qsize()
-        if first is None:
-            if not left:
-                return
+        first = self._held
+        if first is not None:
+            self._held = None
+        elif not left:
+            return
+        else:
             first, left = queue.get_nowait(), left - 1
         get, apply, schedule = queue.get_nowait, self._registry.apply, policy.schedule
         registry, settings = self._registry, self._settings
@@ -724,22 +735,21 @@ class Supervisor:
 
     def _begin_stop(self, record: Record, reason: EvictionReason) -> _Stop:
         """Mark ``record`` stopping (no new calls from now) and start stopping it, or join the
-        stop already running. Forced reasons fail the callers inside busy() at once."""
+        stop already running. Callers still inside busy() fail at once: only forced evictions
+        get here with calls in flight (unforced ones pick idle backends, or wait)."""
         self._drain()
-        if reason in _FORCED or (reason is not EvictionReason.IDLE_TIMEOUT and record.calls):
+        stop: _Stop | None = record.stop
+        if stop is None:
+            record.stopping = reason
+            record.attempted += 1
+            if record.limiter is not None:
+                record.limiter.fail_waiters(lambda: BackendStoppedError(record.address, reason))
+            stop = record.stop = _Stop(record, reason)
+            self._stops.add(stop)
+            assert self._tg is not None
+            self._tg.start_soon(self._run_stop, stop)
+        if record.calls:
             self._fail_calls(record, reason)
-        if record.stop is not None:
-            stop: _Stop = record.stop
-            return stop
-        record.stopping = reason
-        record.attempted += 1
-        if record.limiter is not None:
-            record.limiter.fail_waiters(lambda: BackendStoppedError(record.address, reason))
-        stop = _Stop(record, reason)
-        record.stop = stop
-        self._stops.add(stop)
-        assert self._tg is not None
-        self._tg.start_soon(self._run_stop, stop)
         return stop
 
     def _fail_calls(self, record: Record, reason: EvictionReason) -> None:
