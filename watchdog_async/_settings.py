@@ -222,6 +222,8 @@ def _interval(value: object, name: str) -> float:
 
 
 def _target(value: object, name: str) -> float | None:
+    if isinstance(value, str) and value.strip() in ("0", "0.0", "0%"):
+        value = 0
     if isinstance(value, int | float) and not isinstance(value, bool) and value == 0:
         return 0.0  # evict down to nothing: allowed, unlike a threshold of 0
     return _fraction(value, name)

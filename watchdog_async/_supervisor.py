@@ -15,7 +15,7 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
 from types import TracebackType
 from typing import Any, Self
@@ -122,6 +122,11 @@ class BusyHandle(Call):
         limiter = record.limiter
         if limiter is not None:
             await limiter.acquire(self, getattr(self, "_wait_timeout", None))
+            # handed the slot, but the backend may have been chosen for eviction (or the
+            # supervisor closed) before this task ran: do not enter it then
+            if record.stopping is not None or sup._state is not _State.RUNNING:
+                limiter.release()
+                raise sup._refusal(self._address, record)
             self.limiter = limiter
         self.record = record
         self.entered_at = sup._clock()
@@ -209,15 +214,15 @@ class _Limiter:
             raise
 
     def release(self) -> None:
-        while self.waiters:
-            waiter = self.waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)  # the slot passes to the first waiter
-                return
         self.admitted -= 1
+        self._admit()
 
     def set_limit(self, limit: int) -> None:
         self.limit = limit
+        self._admit()
+
+    def _admit(self) -> None:
+        """Hand free slots to the first waiters (none while over a lowered limit)."""
         while self.admitted < self.limit and self.waiters:
             waiter = self.waiters.popleft()
             if not waiter.done():
@@ -345,12 +350,20 @@ class Supervisor:
         self._last_reading: MemoryReading | None = None
 
     @classmethod
-    def from_env(cls, prefix: str = "WATCHDOG_", **kwargs: Any) -> Self:
-        """A supervisor whose settings come from ``PREFIX*`` environment variables; keyword
-        settings override the environment, other keywords (shutdown, clock...) pass through."""
-        setting_names = set(Settings.__dataclass_fields__)
-        overrides = {k: kwargs.pop(k) for k in list(kwargs) if k in setting_names}
-        return cls(settings=Settings.from_env(prefix, **overrides), **kwargs)
+    def from_env(
+        cls,
+        prefix: str = "WATCHDOG_",
+        *,
+        environ: Mapping[str, str] | None = None,
+        shutdown: Shutdown | None = None,
+        memory_probe: MemoryProbe | None = None,
+        clock: Callable[[], float] | None = None,
+        **overrides: Any,
+    ) -> Self:
+        """A supervisor whose settings come from ``PREFIX*`` environment variables (or
+        ``environ``); keyword settings override them."""
+        settings = Settings.from_env(prefix, environ=environ, **overrides)
+        return cls(shutdown=shutdown, memory_probe=memory_probe, clock=clock, settings=settings)
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -481,7 +494,11 @@ class Supervisor:
                 record.limiter.set_limit(1 << 62)  # let every waiter in; no more admission
                 record.limiter = None
         elif record.limiter is None:
-            record.limiter = _Limiter(record.address, limit)
+            limiter = record.limiter = _Limiter(record.address, limit)
+            for call in record.calls:  # calls already in flight count against the new limit
+                assert isinstance(call, BusyHandle)
+                call.limiter = limiter
+                limiter.admitted += 1
         else:
             record.limiter.set_limit(limit)
 
@@ -871,6 +888,10 @@ class Supervisor:
         if record.stop is None and record.calls and not force:
             deadline = anyio.current_time() + self._settings.eviction_timeout
             record.stopping = EvictionReason.MANUAL  # draining: no new calls
+            if record.limiter is not None:  # nor waiting ones
+                record.limiter.fail_waiters(
+                    lambda: BackendStoppedError(address, EvictionReason.MANUAL)
+                )
             try:
                 while record.calls and record.stop is None:
                     if not await self._wait_changed(deadline):
