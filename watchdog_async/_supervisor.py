@@ -54,6 +54,30 @@ _QUEUED, _ENDED_QUEUED, _EXIT_QUEUED = (
 _COALESCE = 0.001  # seconds the consumer lets busy messages gather before applying them
 
 
+# asyncio.Queue's internals the lean put_nowait relies on (CPython 3.8 to 3.13); without them
+# the standard put_nowait is used, which only costs time.
+_LEAN_QUEUE = hasattr(asyncio.Queue, "_wakeup_next") and "_getters" in vars(asyncio.Queue())
+
+
+class _BusyQueue(asyncio.Queue["BusyHandle"]):
+    """The busy-message queue: an unbounded ``asyncio.Queue`` (the consumer awaits ``get()``)
+    whose ``put_nowait`` skips what busy() never uses (the size check and ``join()``'s
+    ``unfinished_tasks``/``_finished`` bookkeeping), and whose deque the drain pops directly
+    (``_init`` is asyncio.Queue's hook for subclasses, as in PriorityQueue and LifoQueue)."""
+
+    items: deque[BusyHandle]
+
+    def _init(self, maxsize: int) -> None:
+        self._queue = self.items = deque()
+
+    if _LEAN_QUEUE:
+
+        def put_nowait(self, item: BusyHandle) -> None:
+            self.items.append(item)
+            if self._getters:  # type: ignore[attr-defined]  # the consumer is parked in get()
+                self._wakeup_next(self._getters)  # type: ignore[attr-defined]
+
+
 class _State(enum.Enum):
     CREATED = "created"
     RUNNING = "running"
@@ -327,7 +351,7 @@ class Supervisor:
         self._clock: Callable[[], float] = clock or _not_running_clock
         self._state = _State.CREATED
         self._registry = Registry()
-        self._queue: asyncio.Queue[BusyHandle] = asyncio.Queue()
+        self._queue = _BusyQueue()
         self._put = self._queue.put_nowait
         self._held: BusyHandle | None = None  # taken off the queue by the consumer, not applied
         self._records: dict[str, Record] = self._registry.records  # the hot path's lookup
@@ -666,17 +690,16 @@ class Supervisor:
     def _drain(self) -> None:
         """Apply every queued message now (the one the consumer holds first), so a call that
         entered busy() is always seen in flight. Synchronous: nothing is put on the queue
-        meanwhile, so the count taken first is the count to apply."""
-        queue = self._queue
-        left = queue.qsize()
+        meanwhile."""
+        items = self._queue.items
         first = self._held
         if first is not None:
             self._held = None
-        elif not left:
+        elif not items:
             return
         else:
-            first, left = queue.get_nowait(), left - 1
-        get, apply, schedule = queue.get_nowait, self._registry.apply, policy.schedule
+            first = items.popleft()
+        get, apply, schedule = items.popleft, self._registry.apply, policy.schedule
         registry, settings = self._registry, self._settings
         went_idle = pushed = False
         call = first
@@ -687,9 +710,8 @@ class Supervisor:
                     went_idle = True
                 if record.registered and schedule(registry, record, settings):
                     pushed = True
-            if not left:
+            if not items:
                 break
-            left -= 1
             call = get()
         if pushed:
             self._wake_if_earlier()
