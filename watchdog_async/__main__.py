@@ -1,7 +1,8 @@
-"""Command line: ``python -m watchdog_async probe [--json]``.
+"""Command line: ``python -m watchdog_async probe [--json]`` and ``python -m watchdog_async demo``.
 
 ``probe`` shows what the memory reclaimer sees: the probe chosen automatically, then every
-device with its usage and, where known, the memory of each process on it.
+device with its usage and, where known, the memory of each process on it. ``demo`` runs a
+narrated scenario with real backend processes (see :mod:`watchdog_async._demo`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 from loguru import logger
 
 from . import _memory
+from ._demo import add_demo_command
 
 _GIB = 1024**3
 _MIB = 1024**2
@@ -34,7 +36,10 @@ def _add_probe(subparsers: _Subparsers[argparse.ArgumentParser]) -> None:
 
 # Subcommands: each function adds one parser to the subparsers and sets `handler`, a
 # (argparse.Namespace) -> int exit status. A new command (e.g. `demo`) is one more entry here.
-_COMMANDS: tuple[Callable[[_Subparsers[argparse.ArgumentParser]], None], ...] = (_add_probe,)
+_COMMANDS: tuple[Callable[[_Subparsers[argparse.ArgumentParser]], None], ...] = (
+    _add_probe,
+    add_demo_command,
+)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -11,7 +11,6 @@ import enum
 import functools
 import math
 import sys
-import threading
 import time
 import weakref
 from collections import deque
@@ -280,12 +279,13 @@ class _Stop:
 class _Load:
     """One load of one model in progress (singleflight): every acquire() waits on it."""
 
-    __slots__ = ("done", "error", "record", "waiters")
+    __slots__ = ("done", "error", "record", "traceback", "waiters")
 
     def __init__(self) -> None:
         self.done = anyio.Event()
         self.record: Record | None = None
         self.error: BaseException | None = None
+        self.traceback: TracebackType | None = None  # the start's own, for every waiter
         self.waiters: dict[asyncio.Task[Any], BusyHandle | None] = {}
 
 
@@ -604,7 +604,11 @@ class Supervisor:
         loop = self._loop
         if loop is None:
             raise self._closed_error()
-        if threading.get_ident() == getattr(loop, "_thread_id", None):
+        try:
+            on_loop = asyncio.get_running_loop() is loop
+        except RuntimeError:  # no loop running in this thread: a worker thread
+            on_loop = False
+        if on_loop:
             raise RuntimeError("busy_sync() is for worker threads; use busy() on the loop")
         handle = BusyHandle(self, address)
 
@@ -615,10 +619,12 @@ class Supervisor:
         asyncio.run_coroutine_threadsafe(enter(), loop).result()
         try:
             yield handle
-        finally:
+        except BaseException:
             loop.call_soon_threadsafe(handle._leave)
-            if handle.stopped is not None:
-                raise BackendStoppedError(address, handle.stopped)
+            raise  # the caller's own error passes through, as with busy()
+        loop.call_soon_threadsafe(handle._leave)
+        if handle.stopped is not None:
+            raise BackendStoppedError(address, handle.stopped)
 
     def touch(self, address: str) -> None:
         """Count a use for LRU order without a call."""
@@ -1220,7 +1226,7 @@ class Supervisor:
                 raise
             admitted = load.waiters.pop(task, None)
             if load.error is not None:
-                raise load.error
+                raise load.error.with_traceback(load.traceback)
             if admitted is not None:
                 return admitted
             # not admitted at once (concurrency limit) or gone already: go round again
@@ -1246,7 +1252,7 @@ class Supervisor:
             finally:
                 self._reserved -= 1
         except Exception as exc:
-            load.error = exc
+            load.error, load.traceback = exc, exc.__traceback__
             logger.warning("starting {} failed: {!r}", model, exc)
         finally:
             if self._loading.get(model) is load:
