@@ -276,6 +276,16 @@ class _Stop:
         return self.result
 
 
+class _SharedRead:
+    """One memory reading in progress, awaited by every caller that asked meanwhile."""
+
+    __slots__ = ("done", "reading")
+
+    def __init__(self) -> None:
+        self.done = anyio.Event()
+        self.reading: MemoryReading | None = None
+
+
 class _Load:
     """One load of one model in progress (singleflight): every acquire() waits on it."""
 
@@ -370,6 +380,8 @@ class Supervisor:
         self._stops: set[_Stop] = set()
         self._watched: set[Record] = set()  # records with a process: checked for exits
         self._probe_running = False
+        self._read_in_flight: _SharedRead | None = None
+        self._memory_lock: anyio.Lock | None = None
         self._faults: dict[str, int] = {}
         self._last_reading: MemoryReading | None = None
 
@@ -427,6 +439,7 @@ class Supervisor:
         if callable(listen):
             listen(self._wake_deadline_loop)  # a hand-driven clock wakes us when it moves
         self._stop_requested = anyio.Event()
+        self._memory_lock = anyio.Lock()
         self._state = _State.RUNNING
         try:
             async with anyio.create_task_group() as tg:
@@ -730,11 +743,16 @@ class Supervisor:
             self._changed = None
             changed.set()
 
-    async def _wait_changed(self, deadline: float) -> bool:
-        """Wait for a backend to go idle, be removed or finish stopping; False at deadline."""
-        if self._changed is None:
-            self._changed = anyio.Event()
-        changed = self._changed
+    async def _wait_changed(self, deadline: float, since: anyio.Event | None = None) -> bool:
+        """Wait for a backend to go idle, be removed or finish stopping; False at deadline.
+        ``since``: the change event taken before the state was looked at; a change that came
+        after it (the event is then set) ends the wait at once, so no wake-up is lost."""
+        if since is not None:
+            changed = since
+        else:
+            if self._changed is None:
+                self._changed = anyio.Event()
+            changed = self._changed
         with anyio.move_on_after(max(0.0, deadline - anyio.current_time())):
             await changed.wait()
             return True
@@ -989,6 +1007,9 @@ class Supervisor:
         while True:
             self._check_running()
             self._drain()
+            if self._changed is None:  # register for changes before any await below
+                self._changed = anyio.Event()
+            changed = self._changed
             registry = self._registry
             need = policy.room_needed(
                 len(registry), self._reserved + pending, self._settings.max_loaded
@@ -1005,8 +1026,10 @@ class Supervisor:
                 if missing:
                     reason = EvictionReason.MEMORY
                     victims, fit_device = await self._memory_fit_victims(memory, force, attempted)
-                    if not victims and not self._stops:
-                        if not await self._wait_changed(deadline):
+                    if not victims:
+                        # nothing left to evict now: wait for a stop in progress to finish
+                        # or a busy backend to go idle, then look again; give up at deadline
+                        if not await self._wait_changed(deadline, changed):
                             raise CapacityError(
                                 f"{missing} bytes missing for a load of {memory} bytes",
                                 evictions=tuple(tried),
@@ -1034,7 +1057,7 @@ class Supervisor:
                     await self._await_release(fit_device)
                 continue
             # nothing evictable now: wait for a busy backend to go idle, or give up
-            if not await self._wait_changed(deadline):
+            if not await self._wait_changed(deadline, changed):
                 raise CapacityError(
                     f"no room for one more backend: {len(registry)} loaded, "
                     f"{self._reserved + pending} pending, max_loaded="
@@ -1045,6 +1068,24 @@ class Supervisor:
     # -- memory -----------------------------------------------------------------------------
 
     async def _read_memory(self) -> MemoryReading | None:
+        """One reading; a read already in flight (the periodic check, check(), make_room)
+        is joined, not failed: its result is everyone's."""
+        shared = self._read_in_flight
+        if shared is None:
+            shared = self._read_in_flight = _SharedRead()
+            assert self._tg is not None
+            self._tg.start_soon(self._read_shared, shared)
+        await shared.done.wait()
+        return shared.reading
+
+    async def _read_shared(self, shared: _SharedRead) -> None:
+        try:
+            shared.reading = await self._read_once()
+        finally:
+            self._read_in_flight = None
+            shared.done.set()
+
+    async def _read_once(self) -> MemoryReading | None:
         """One reading in a worker thread, bounded by probe_timeout; None when the probe
         fails, hangs or returns nonsense (logged once per kind)."""
         if self._probe_running:
@@ -1104,7 +1145,14 @@ class Supervisor:
 
     async def _memory_pass(self) -> list[Eviction]:
         """For each device over the threshold, evict one backend at a time (holders first,
-        then LRU), waiting for the memory to come back after each, down to the target."""
+        then LRU), waiting for the memory to come back after each, down to the target. One
+        pass at a time: a second one (check() during the periodic one) waits its turn, then
+        decides on a fresh reading."""
+        assert self._memory_lock is not None
+        async with self._memory_lock:
+            return await self._memory_pass_locked()
+
+    async def _memory_pass_locked(self) -> list[Eviction]:
         reading = await self._read_memory()
         if reading is None:
             return []
@@ -1115,6 +1163,9 @@ class Supervisor:
         attempted: set[Record] = set()
         for device in policy.over_threshold(reading, threshold):
             current: DeviceMemory | None = device
+            if evictions:  # stops for an earlier device may have freed this one too
+                fresh = await self._read_memory()
+                current = None if fresh is None else _same_device(fresh, device)
             while current is not None and current.used / current.total > target:
                 self._drain()
                 held = await self._held_on(current)
@@ -1148,14 +1199,7 @@ class Supervisor:
         while True:
             reading = await self._read_memory()
             if reading is not None:
-                latest = next(
-                    (
-                        d
-                        for d in reading.devices
-                        if (d.kind, d.index) == (before.kind, before.index)
-                    ),
-                    None,
-                )
+                latest = _same_device(reading, before)
                 if latest is None or policy.memory_released(before, latest):
                     return latest
             if anyio.current_time() >= deadline:
@@ -1278,6 +1322,12 @@ class Supervisor:
                 await stop_tree(ProcessRef.resolve(process), timeout=self._settings.stop_timeout)
             except Exception as exc:
                 self._fault("stop", exc)
+
+
+def _same_device(reading: MemoryReading, device: DeviceMemory) -> DeviceMemory | None:
+    """``device`` as ``reading`` sees it (same kind and index), if it is there."""
+    key = (device.kind, device.index)
+    return next((d for d in reading.devices if (d.kind, d.index) == key), None)
 
 
 def _unpack_started(started: object) -> tuple[str, object]:
