@@ -43,7 +43,7 @@ from ._stopping import ProcessRef, stop_backend, stop_tree, tree_pids
 __all__ = ("BusyHandle", "Supervisor")
 
 Shutdown = Callable[[Backend], Awaitable[None]]
-Start = Callable[[str], Awaitable[tuple[str, Any]]]
+Start = Callable[[str], Awaitable[tuple[str, Any] | str]]
 
 _QUEUED, _ENDED_QUEUED, _EXIT_QUEUED = (
     CallState.QUEUED,
@@ -311,6 +311,13 @@ class _Acquire:
     async def __aenter__(self) -> Backend:
         self._handle = await self._sup._acquire_handle(self._model, self._start, self._memory)
         return self._handle.record.public
+
+    def progress(self) -> None:
+        """Report progress on the acquired backend (as :meth:`BusyHandle.progress`): a stream
+        that calls this per chunk is not taken for hung by ``busy_timeout``."""
+        if self._handle is None:
+            raise RuntimeError("progress() is for use inside `async with sup.acquire(...)`")
+        self._handle.progress()
 
     async def __aexit__(
         self,
@@ -652,6 +659,8 @@ class Supervisor:
 
     def snapshot(self) -> list[BackendStatus]:
         """Every tracked backend, least recently used first."""
+        if self._state is _State.CREATED:
+            return []
         self._drain()
         now = self._clock()
         return [
@@ -681,6 +690,11 @@ class Supervisor:
         subscription = EventStream(buffer)
         self._subscribers.add(subscription)
         return subscription
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop | None:
+        """The event loop the supervisor runs on (None before it starts)."""
+        return self._loop
 
     @property
     def memory_reading(self) -> MemoryReading | None:

@@ -15,8 +15,9 @@ Usage (one supervisor, its own registry, ``/metrics`` served by your app)::
 Gauges are read from ``sup.snapshot()`` when Prometheus scrapes; eviction counters and the stop
 duration histogram are fed by the supervisor's ``events()`` stream, which this object reads in
 a task while it is entered (or while ``await tg.start(metrics.run)`` runs). Memory figures
-appear when a ``memory_probe`` is given (pass the one the supervisor uses); it is read at scrape
-time in a worker thread, never on the event loop.
+come from the supervisor's last reading (``sup.memory_reading``: taken every ``check_interval``
+while ``memory_threshold`` is set), or, when a ``memory_probe`` is given, from that probe read at
+scrape time in a worker thread (never on the event loop).
 
 ================================================  =========  ================================
 name                                              type       labels
@@ -34,8 +35,7 @@ name                                              type       labels
 ================================================  =========  ================================
 
 ``prometheus_client.start_http_server`` works too: it scrapes from its own thread, and the
-snapshot is then taken on the supervisor's event loop (this object must have been entered or
-run there first).
+snapshot is then taken on the supervisor's event loop.
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ _HOP_TIMEOUT = 5.0  # seconds a scrape from another thread waits for the event l
 class _Scrape:
     """What one scrape reads from the supervisor (on its event loop)."""
 
-    __slots__ = ("faults", "max_loaded", "statuses")
+    __slots__ = ("faults", "max_loaded", "memory", "statuses")
 
     def __init__(self, sup: Supervisor) -> None:
         try:
@@ -89,6 +89,7 @@ class _Scrape:
             self.statuses = []
         self.max_loaded: int = sup.settings.max_loaded
         self.faults: dict[str, int] = sup.faults
+        self.memory: MemoryReading | None = sup.memory_reading
 
 
 def _le(bound: float) -> str:
@@ -117,7 +118,8 @@ class SupervisorMetrics(Collector):
     ``registry=None`` to register it yourself) and subscribes to ``sup.events()`` at once, so
     no eviction is missed before :meth:`run` starts reading them. ``namespace`` prefixes every
     name (default ``watchdog``). ``memory_probe``: read at scrape time (in a worker thread,
-    bounded by ``probe_timeout`` seconds) for the memory gauges; without one there are none.
+    bounded by ``probe_timeout`` seconds) for the memory gauges; without one they show the
+    supervisor's last reading, if it took one.
     """
 
     def __init__(
@@ -255,16 +257,18 @@ class SupervisorMetrics(Collector):
         return reading
 
     def _scrape(self) -> tuple[_Scrape | None, MemoryReading | None]:
-        """The supervisor's state, read on its event loop, and a memory reading."""
+        """The supervisor's state, read on its event loop, and a memory reading: from our
+        probe where one was given, else the supervisor's last one."""
         try:
             asyncio.get_running_loop()
             on_loop = True
         except RuntimeError:
             on_loop = False
         if on_loop:  # on the event loop: never block it on the probe; use the last reading
-            return _Scrape(self.supervisor), self._reading
+            here = _Scrape(self.supervisor)
+            return here, self._reading if self._probe is not None else here.memory
         # the supervisor's loop; its private attribute until it has a public one
-        loop = self._loop or getattr(self.supervisor, "_loop", None)
+        loop = self._loop or self.supervisor.loop
         state: _Scrape | None = None
         if loop is not None and loop.is_running():
 
@@ -277,7 +281,9 @@ class SupervisorMetrics(Collector):
                 state = None  # the loop is blocked or closing: no supervisor figures now
         elif loop is None:
             state = _Scrape(self.supervisor)  # not started: nothing to race with
-        return state, self._read_probe()
+        if self._probe is not None:
+            return state, self._read_probe()
+        return state, None if state is None else state.memory
 
     def describe(self) -> Iterable[Metric]:
         """The metric families, without samples (so registering does not scrape)."""
@@ -367,6 +373,5 @@ class SupervisorMetrics(Collector):
         yield durations
         yield faults
         yield dropped
-        if self._probe is not None:
-            yield used
-            yield total
+        yield used
+        yield total
