@@ -946,10 +946,14 @@ async def test_bad_per_backend_limit(open_sup: OpenSup, bad: object) -> None:
     assert sup.loaded_count == 0
 
 
-async def test_per_backend_limit_from_strings(open_sup: OpenSup) -> None:
+async def test_per_backend_limit_is_a_number_not_a_string(open_sup: OpenSup) -> None:
+    """Strings are for the environment (Settings.from_env); register() takes numbers."""
     sup = await open_sup(max_concurrency=1)
-    assert sup.register(A, "a", max_concurrency="2").max_concurrency == 2
-    assert sup.register(B, "b", max_concurrency="off").max_concurrency is None
+    for text in ("2", "off"):
+        with pytest.raises(ConfigError):
+            sup.register(A, "a", max_concurrency=text)
+    assert sup.register(A, "a", max_concurrency=2).max_concurrency == 2
+    assert sup.register(B, "b", max_concurrency=None).max_concurrency is None
     async with sup.busy(A), sup.busy(A), sup.busy(B), sup.busy(B), sup.busy(B):
         assert [(s.inflight, s.waiting) for s in sup.snapshot()] == [(2, 0), (3, 0)]
 

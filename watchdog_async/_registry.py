@@ -80,6 +80,7 @@ class Record:
         "busy_scheduled",
         "calls",
         "claimed",
+        "evicted",
         "idle_scheduled",
         "idle_since",
         "idle_timeout",
@@ -127,6 +128,7 @@ class Record:
         self.claimed = False  # a make_room call counts on this stop to free a slot
         self.attempted = 0  # eviction attempts (failed stops stay tracked)
         self.stop: Any = None  # the supervisor's shared stop in progress, if any
+        self.evicted: Any = None  # the Eviction that untracked it (set when stopped ok)
         self.limiter: Any = None  # the supervisor's admission limiter, if limited
         self.public = Backend(
             address=address,
@@ -250,6 +252,8 @@ class Registry:
             # decision saw it in flight (every decision applies the queue first), so the
             # backend did not change between busy and idle for anyone.
             call.state = CallState.DONE
+            if call.entered_at > record.last_progress:  # an enter is progress
+                record.last_progress = call.entered_at
             if record.registered:
                 at = call.exited_at
                 if at > record.last_used:

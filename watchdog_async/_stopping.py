@@ -272,7 +272,7 @@ async def _run_shutdown(
         try:
             await shutdown(backend)
         except Exception as exc:  # any failure of user code is reported, never raised
-            logger.opt(exception=exc).warning("shutdown callback for {!r} failed", backend)
+            logger.opt(exception=exc).debug("shutdown callback for {!r} failed", backend)
             return exc
     if scope.cancelled_caught:
         logger.warning("shutdown callback for {!r} took longer than {}s", backend, stop_timeout)

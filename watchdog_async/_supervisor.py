@@ -188,6 +188,8 @@ class BusyHandle(Call):
             self.task = None
             if task.uncancel() > 0 and isinstance(exc, asyncio.CancelledError):
                 return  # also cancelled from outside: let that cancellation go on
+        elif isinstance(exc, asyncio.CancelledError):
+            return  # not cancelled by us (see _fail_calls): that cancellation goes on
         if exc is None or isinstance(exc, asyncio.CancelledError):
             raise BackendStoppedError(self._address, reason) from None
         # the caller's own error passes through unchanged
@@ -355,6 +357,8 @@ class Supervisor:
         elif values:
             Settings().replace(**values)  # names an unknown setting first
             raise ConfigError("pass either settings= or individual settings, not both")
+        elif not isinstance(settings, Settings):
+            raise ConfigError(f"settings must be a Settings, got {settings!r}")
         self._settings = settings
         if shutdown is not None and not callable(shutdown):
             raise ConfigError(f"shutdown must be an async callable, got {shutdown!r}")
@@ -492,6 +496,8 @@ class Supervisor:
         if self._state is not _State.RUNNING:
             return self._closed_error()
         if record is None:
+            if not isinstance(address, str) or not address:
+                return ConfigError(f"address must be a non-empty string, got {address!r}")
             return UnknownBackendError(address)
         assert record.stopping is not None
         return BackendStoppedError(address, record.stopping)
@@ -570,6 +576,9 @@ class Supervisor:
             raise ConfigError(f"pinned must be a bool, got {pinned!r}")
         if idle_timeout is not INHERIT:
             idle_timeout = parse_duration(idle_timeout, name="idle_timeout", optional=True)
+        for name, value in (("size", size), ("max_concurrency", max_concurrency)):
+            if isinstance(value, str):  # strings are for the environment, not for register()
+                raise ConfigError(f"{name} must be a whole number or None, got {value!r}")
         size = check_count(size, "size", optional=True)
         if max_concurrency is not INHERIT:
             max_concurrency = check_count(
@@ -834,8 +843,16 @@ class Supervisor:
             assert isinstance(call, BusyHandle)
             if call.stopped is None:
                 call.stopped = reason
-                if call.task is not None and not call.task.done():
-                    call.task.cancel()
+                task = call.task
+                if task is not None and not task.done():
+                    if task.cancelling():
+                        # Already being cancelled (the caller's own timeout, a disconnect):
+                        # cancelling again in the same round would fold both into one
+                        # CancelledError with our message, which the caller's cancel scope
+                        # would not recognise as its own. Let that cancellation win.
+                        call.task = None
+                    else:
+                        task.cancel()
 
     async def _run_stop(self, stop: _Stop) -> None:
         record = stop.record
@@ -864,6 +881,7 @@ class Supervisor:
         record.stop = None
         record.claimed = False
         if ok:
+            record.evicted = eviction
             self._untrack(record)
         else:  # still tracked and counted; idle from now so a retry is not immediate
             record.stopping = None
@@ -931,7 +949,8 @@ class Supervisor:
                 lambda: BackendStoppedError(record.address, EvictionReason.EXITED)
             )
         self._untrack(record)
-        self._publish(Eviction(record.address, record.model, EvictionReason.EXITED, ok=True))
+        record.evicted = Eviction(record.address, record.model, EvictionReason.EXITED, ok=True)
+        self._publish(record.evicted)
         self._notify_changed()
 
     # -- eviction entry points ----------------------------------------------------------------
@@ -953,7 +972,7 @@ class Supervisor:
                     lambda: BackendStoppedError(address, EvictionReason.MANUAL)
                 )
             try:
-                while record.calls and record.stop is None:
+                while record.calls and record.stop is None and record.registered:
                     if not await self._wait_changed(deadline):
                         raise CapacityError(
                             f"{address!r} still had {len(record.calls)} call(s) in flight after "
@@ -964,6 +983,11 @@ class Supervisor:
                 if record.stop is None and record.registered:
                     record.stopping = None  # gave up (or cancelled): it takes calls again
                     policy.schedule(self._registry, record, self._settings)
+            if not record.registered:  # stopped (or forgotten) by someone else meanwhile
+                evicted: Eviction | None = record.evicted
+                if evicted is not None:
+                    return evicted
+                raise UnknownBackendError(address)
         return await self._begin_stop(record, EvictionReason.MANUAL).wait()
 
     async def check(self) -> list[Eviction]:
@@ -1253,6 +1277,10 @@ class Supervisor:
             raise ConfigError(f"model must be a non-empty string, got {model!r}")
         if not callable(start):
             raise ConfigError(f"start must be an async callable, got {start!r}")
+        if memory is not None and (
+            isinstance(memory, bool) or not isinstance(memory, int) or memory < 0
+        ):
+            raise ConfigError(f"memory must be a number of bytes >= 0, got {memory!r}")
         return _Acquire(self, model, start, memory)
 
     async def _acquire_handle(self, model: str, start: Start, memory: int | None) -> BusyHandle:
@@ -1277,10 +1305,12 @@ class Supervisor:
             load.waiters[task] = None
             try:
                 await load.done.wait()
-            except BaseException:
+            except BaseException as exc:
                 admitted = load.waiters.pop(task, None)
                 if admitted is not None:
                     admitted._leave()
+                    if admitted.stopped is not None:  # failed by a forced stop: say so
+                        admitted._raise_stopped(exc)
                 raise
             admitted = load.waiters.pop(task, None)
             if load.error is not None:
