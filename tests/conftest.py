@@ -1,5 +1,8 @@
 """Shared pytest fixtures.
 
+``clock`` (a ManualClock at 1000 s), ``recorder`` (a shutdown callback that records stops) and
+``open_sup`` (``await open_sup(**settings)``: a supervisor with both, closed after the test).
+
 ``no_leaked_children`` (autouse): a test must not leave a child process of its own running. It
 compares this process's descendants after the test with those before it; new ones still running
 (zombies excepted) after a short grace are killed and fail the test, with their pids and command
@@ -14,10 +17,16 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AsyncExitStack
+from typing import Any
 
 import psutil
 import pytest
+from _support import OpenSup, Recorder
+
+from watchdog_async import Supervisor
+from watchdog_async.testing import ManualClock
 
 LEAK_GRACE = 2.0  # seconds for processes on their way out to finish exiting
 _POLL = 0.02
@@ -74,3 +83,25 @@ def no_leaked_children() -> Iterator[None]:
     _reap_new_zombies(me, before)
     if leaked:
         pytest.fail("test left child processes running: " + "; ".join(described), pytrace=False)
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock(1000.0)
+
+
+@pytest.fixture
+def recorder() -> Recorder:
+    return Recorder()
+
+
+@pytest.fixture
+async def open_sup(clock: ManualClock, recorder: Recorder) -> AsyncIterator[OpenSup]:
+    """Open supervisors with the test's clock and recorder; close them at the end."""
+    async with AsyncExitStack() as stack:
+
+        async def open_(**settings: Any) -> Supervisor:
+            sup = Supervisor(shutdown=recorder, clock=clock, **settings)
+            return await stack.enter_async_context(sup)
+
+        yield open_

@@ -14,8 +14,7 @@ import random
 import subprocess
 import traceback
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator, Callable
-from contextlib import AsyncExitStack
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -23,6 +22,7 @@ import anyio.lowlevel
 import looptime
 import pytest
 from _children import is_gone, read_line, sleeper_argv, start
+from _support import Recorder
 
 from watchdog_async import (
     Backend,
@@ -44,16 +44,6 @@ virtual_time = pytest.mark.parametrize(
     "anyio_backend",
     [pytest.param(("asyncio", {"loop_factory": looptime.new_event_loop}), id="looptime")],
 )
-
-
-class Recorder:
-    """A shutdown callback that records what it was asked to stop."""
-
-    def __init__(self) -> None:
-        self.stopped: list[str] = []
-
-    async def __call__(self, backend: Backend) -> None:
-        self.stopped.append(backend.address)
 
 
 class Starter:
@@ -106,28 +96,6 @@ class Starter:
             raise
         finally:
             self.running[model] -= 1
-
-
-@pytest.fixture
-def clock() -> ManualClock:
-    return ManualClock(1000.0)
-
-
-@pytest.fixture
-def recorder() -> Recorder:
-    return Recorder()
-
-
-@pytest.fixture
-async def open_sup(clock: ManualClock, recorder: Recorder) -> AsyncIterator[Callable[..., Any]]:
-    """Open supervisors with the test's clock and recorder; close them at the end."""
-    async with AsyncExitStack() as stack:
-
-        async def open_(**settings: Any) -> Supervisor:
-            sup = Supervisor(shutdown=recorder, clock=clock, **settings)
-            return await stack.enter_async_context(sup)
-
-        yield open_
 
 
 def status(sup: Supervisor, address: str) -> tuple[bool, int]:

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import AsyncIterator, Callable, Coroutine
-from contextlib import AsyncExitStack
 from typing import Any
 
 import anyio
@@ -20,9 +18,9 @@ import anyio.to_thread
 import looptime
 import pytest
 from _children import read_line, sleeper_argv, start
+from _support import OpenSup, Recorder
 
 from watchdog_async import (
-    Backend,
     BackendBusyError,
     BackendStatus,
     BackendStoppedError,
@@ -41,45 +39,6 @@ LOOPTIME = pytest.mark.parametrize(
     "anyio_backend",
     [pytest.param(("asyncio", {"loop_factory": looptime.new_event_loop}), id="looptime")],
 )
-
-
-class Stopper:
-    """A shutdown callback that records what it stopped; ``gate`` holds stops open."""
-
-    def __init__(self) -> None:
-        self.stopped: list[str] = []
-        self.gate: anyio.Event | None = None
-
-    async def __call__(self, backend: Backend) -> None:
-        self.stopped.append(backend.address)
-        if self.gate is not None:
-            await self.gate.wait()
-
-
-@pytest.fixture
-def clock() -> ManualClock:
-    return ManualClock(1000.0)
-
-
-@pytest.fixture
-def stopper() -> Stopper:
-    return Stopper()
-
-
-@pytest.fixture
-async def open_sup(
-    clock: ManualClock, stopper: Stopper
-) -> AsyncIterator[Callable[..., Coroutine[Any, Any, Supervisor]]]:
-    async with AsyncExitStack() as stack:
-
-        async def open_(**settings: Any) -> Supervisor:
-            sup = Supervisor(shutdown=stopper, clock=clock, **settings)
-            return await stack.enter_async_context(sup)
-
-        yield open_
-
-
-OpenSup = Callable[..., Coroutine[Any, Any, Supervisor]]
 
 
 async def blocked() -> None:
@@ -537,10 +496,10 @@ async def test_waiter_cancelled_as_it_is_handed_the_slot_passes_it_on(
 # -- waiters failed by evictions ---------------------------------------------------------------
 
 
-async def test_forced_evict_fails_waiters_at_once(open_sup: OpenSup, stopper: Stopper) -> None:
+async def test_forced_evict_fails_waiters_at_once(open_sup: OpenSup, recorder: Recorder) -> None:
     sup = await open_sup(max_concurrency=1)
     sup.register(A, "m")
-    stopper.gate = anyio.Event()  # the stop stays in progress
+    recorder.gate = anyio.Event()  # the stop stays in progress
     async with anyio.create_task_group() as tg:
         calls = Calls(sup, tg)
         for name in ["holder", "w1", "w2", "w3"]:
@@ -552,14 +511,14 @@ async def test_forced_evict_fails_waiters_at_once(open_sup: OpenSup, stopper: St
 
         tg.start_soon(evict)
         await blocked()
-        assert stopper.stopped == [A] and not evicted  # still stopping...
+        assert recorder.stopped == [A] and not evicted  # still stopping...
         for name in ["holder", "w1", "w2", "w3"]:  # ...and every caller already failed
             assert calls.stopped_reason(name) is EvictionReason.MANUAL
         assert status(sup, A).waiting == 0
         with pytest.raises(BackendStoppedError):
             async with sup.busy(A):
                 pytest.fail("entered a backend being stopped")
-        stopper.gate.set()
+        recorder.gate.set()
     assert calls.entered == ["holder"]
     assert evicted[0].ok
     assert sup.loaded_count == 0
@@ -622,7 +581,7 @@ async def test_a_backend_that_exits_fails_its_waiters(open_sup: OpenSup) -> None
         proc.stdout.close()
 
 
-async def test_closing_fails_waiters(clock: ManualClock, stopper: Stopper) -> None:
+async def test_closing_fails_waiters(clock: ManualClock, recorder: Recorder) -> None:
     outcome: dict[str, BaseException] = {}
     holder_in = anyio.Event()
 
@@ -636,7 +595,7 @@ async def test_closing_fails_waiters(clock: ManualClock, stopper: Stopper) -> No
 
     async with (
         anyio.create_task_group() as tg,
-        Supervisor(shutdown=stopper, clock=clock, max_concurrency=1) as sup,
+        Supervisor(shutdown=recorder, clock=clock, max_concurrency=1) as sup,
     ):
         sup.register(A, "m")
         tg.start_soon(call, sup, "holder")
@@ -667,7 +626,7 @@ async def test_forget_lets_the_waiters_in(open_sup: OpenSup) -> None:
 
 
 async def test_waiter_handed_the_slot_just_before_a_forced_evict(
-    open_sup: OpenSup, stopper: Stopper
+    open_sup: OpenSup, recorder: Recorder
 ) -> None:
     sup = await open_sup(max_concurrency=1)
     sup.register(A, "m")
@@ -841,7 +800,7 @@ async def test_waiting_is_not_a_use_for_lru(open_sup: OpenSup, clock: ManualCloc
 
 
 async def test_waiters_keep_a_busy_backend_out_of_lru_choice_only_by_its_calls(
-    open_sup: OpenSup, clock: ManualClock, stopper: Stopper
+    open_sup: OpenSup, clock: ManualClock, recorder: Recorder
 ) -> None:
     sup = await open_sup(max_concurrency=1, max_loaded=2)
     sup.register(A, "a")

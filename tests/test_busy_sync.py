@@ -8,16 +8,16 @@ The clock is a ManualClock moved from the loop thread only; threads are synchron
 from __future__ import annotations
 
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import AsyncExitStack, contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import anyio
 import anyio.to_thread
 import pytest
+from _support import Recorder
 
 from watchdog_async import (
-    Backend,
     BackendStatus,
     BackendStoppedError,
     BusyHandle,
@@ -29,40 +29,6 @@ from watchdog_async import (
 from watchdog_async.testing import ManualClock, settle
 
 WAIT = 10.0  # seconds a thread waits for the test's signal at most (a bound, not a wait)
-
-
-class Recorder:
-    """A shutdown callback that records what it was asked to stop; ``gate`` holds it."""
-
-    def __init__(self) -> None:
-        self.stopped: list[str] = []
-        self.gate: anyio.Event | None = None
-
-    async def __call__(self, backend: Backend) -> None:
-        self.stopped.append(backend.address)
-        if self.gate is not None:
-            await self.gate.wait()
-
-
-@pytest.fixture
-def clock() -> ManualClock:
-    return ManualClock(1000.0)
-
-
-@pytest.fixture
-def recorder() -> Recorder:
-    return Recorder()
-
-
-@pytest.fixture
-async def open_sup(clock: ManualClock, recorder: Recorder) -> AsyncIterator[Callable[..., Any]]:
-    async with AsyncExitStack() as stack:
-
-        async def open_(**settings: Any) -> Supervisor:
-            sup = Supervisor(shutdown=recorder, clock=clock, **settings)
-            return await stack.enter_async_context(sup)
-
-        yield open_
 
 
 class Worker:

@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import AsyncIterator, Callable
-from contextlib import AsyncExitStack
+from collections.abc import Callable
 from typing import Any
 
 import anyio
 import pytest
+from _support import Recorder
 
 from watchdog_async import (
-    Backend,
     BackendStoppedError,
     CapacityError,
     ConfigError,
@@ -27,47 +26,6 @@ from watchdog_async import (
 from watchdog_async.testing import ManualClock, settle
 
 
-class Recorder:
-    """A shutdown callback that records what it was asked to stop."""
-
-    def __init__(self) -> None:
-        self.stopped: list[str] = []
-        self.error: BaseException | None = None
-        self.hang = False
-        self.gate: anyio.Event | None = None
-
-    async def __call__(self, backend: Backend) -> None:
-        self.stopped.append(backend.address)
-        if self.gate is not None:
-            await self.gate.wait()
-        if self.hang:
-            await anyio.sleep_forever()
-        if self.error is not None:
-            raise self.error
-
-
-@pytest.fixture
-def clock() -> ManualClock:
-    return ManualClock(1000.0)
-
-
-@pytest.fixture
-def recorder() -> Recorder:
-    return Recorder()
-
-
-@pytest.fixture
-async def sup_factory(clock: ManualClock, recorder: Recorder) -> AsyncIterator[Callable[..., Any]]:
-    """Open supervisors with the test's clock and recorder; close them at the end."""
-    async with AsyncExitStack() as stack:
-
-        async def open_(**settings: Any) -> Supervisor:
-            sup = Supervisor(shutdown=recorder, clock=clock, **settings)
-            return await stack.enter_async_context(sup)
-
-        yield open_
-
-
 def register_all(sup: Supervisor, clock: ManualClock, *addresses: str) -> None:
     for address in addresses:
         sup.register(address, f"model-{address}")
@@ -77,8 +35,8 @@ def register_all(sup: Supervisor, clock: ManualClock, *addresses: str) -> None:
 # -- LocalAI watchdog_test.go, ported ----------------------------------------------------------
 
 
-async def test_limit_getters_and_setters(sup_factory: Callable[..., Any]) -> None:
-    sup = await sup_factory(max_loaded=2, memory_threshold=0.9)
+async def test_limit_getters_and_setters(open_sup: Callable[..., Any]) -> None:
+    sup = await open_sup(max_loaded=2, memory_threshold=0.9)
     assert sup.settings.max_loaded == 2
     assert sup.configure(max_loaded=5).max_loaded == 5
     assert sup.settings.max_loaded == 5
@@ -87,8 +45,8 @@ async def test_limit_getters_and_setters(sup_factory: Callable[..., Any]) -> Non
     assert sup.settings.effective_memory_target == pytest.approx(0.75)
 
 
-async def test_loaded_count(sup_factory: Callable[..., Any], clock: ManualClock) -> None:
-    sup = await sup_factory()
+async def test_loaded_count(open_sup: Callable[..., Any], clock: ManualClock) -> None:
+    sup = await open_sup()
     assert sup.loaded_count == 0
     register_all(sup, clock, "a", "b")
     assert sup.loaded_count == 2
@@ -97,9 +55,9 @@ async def test_loaded_count(sup_factory: Callable[..., Any], clock: ManualClock)
 
 
 async def test_limit_2_with_idle_backends_evicts_the_oldest(
-    sup_factory: Callable[..., Any], clock: ManualClock, recorder: Recorder
+    open_sup: Callable[..., Any], clock: ManualClock, recorder: Recorder
 ) -> None:
-    sup = await sup_factory(max_loaded=2)
+    sup = await open_sup(max_loaded=2)
     register_all(sup, clock, "a", "b")
     evictions = await sup.make_room()
     assert [(e.address, e.reason, e.ok) for e in evictions] == [("a", EvictionReason.LRU, True)]
@@ -108,9 +66,9 @@ async def test_limit_2_with_idle_backends_evicts_the_oldest(
 
 
 async def test_lowering_the_limit_to_1_with_three_loaded_evicts_three(
-    sup_factory: Callable[..., Any], clock: ManualClock, recorder: Recorder
+    open_sup: Callable[..., Any], clock: ManualClock, recorder: Recorder
 ) -> None:
-    sup = await sup_factory(max_loaded=3)
+    sup = await open_sup(max_loaded=3)
     register_all(sup, clock, "a", "b", "c")
     sup.configure(max_loaded=1)
     evictions = await sup.make_room()  # 3 + 0 + 1 - 1 = 3
@@ -120,24 +78,24 @@ async def test_lowering_the_limit_to_1_with_three_loaded_evicts_three(
 
 
 async def test_pending_loads_are_counted(
-    sup_factory: Callable[..., Any], clock: ManualClock, recorder: Recorder
+    open_sup: Callable[..., Any], clock: ManualClock, recorder: Recorder
 ) -> None:
-    sup = await sup_factory(max_loaded=3)
+    sup = await open_sup(max_loaded=3)
     register_all(sup, clock, "a", "b", "c")
     evictions = await sup.make_room(pending=1)
     assert [e.address for e in evictions] == ["a", "b"]  # 3 + 1 + 1 - 3 = 2
     assert sup.loaded_count == 1
 
 
-async def test_limit_0_evicts_nothing(sup_factory: Callable[..., Any], clock: ManualClock) -> None:
-    sup = await sup_factory(max_loaded=0)
+async def test_limit_0_evicts_nothing(open_sup: Callable[..., Any], clock: ManualClock) -> None:
+    sup = await open_sup(max_loaded=0)
     register_all(sup, clock, *"abcdef")
     assert await sup.make_room(pending=10) == []
     assert sup.loaded_count == 6
 
 
-async def test_touch_changes_the_order(sup_factory: Callable[..., Any], clock: ManualClock) -> None:
-    sup = await sup_factory(max_loaded=2)
+async def test_touch_changes_the_order(open_sup: Callable[..., Any], clock: ManualClock) -> None:
+    sup = await open_sup(max_loaded=2)
     register_all(sup, clock, "a", "b")
     sup.touch("a")
     evictions = await sup.make_room()
@@ -145,9 +103,9 @@ async def test_touch_changes_the_order(sup_factory: Callable[..., Any], clock: M
 
 
 async def test_limit_1_over_five_loads(
-    sup_factory: Callable[..., Any], clock: ManualClock, recorder: Recorder
+    open_sup: Callable[..., Any], clock: ManualClock, recorder: Recorder
 ) -> None:
-    sup = await sup_factory(max_loaded=1)
+    sup = await open_sup(max_loaded=1)
     for address in "abcde":
         await sup.make_room()
         sup.register(address, f"model-{address}")
@@ -157,9 +115,9 @@ async def test_limit_1_over_five_loads(
 
 
 async def test_busy_backends_skipped_without_force_evicted_with_it(
-    sup_factory: Callable[..., Any], clock: ManualClock
+    open_sup: Callable[..., Any], clock: ManualClock
 ) -> None:
-    sup = await sup_factory(max_loaded=2)
+    sup = await open_sup(max_loaded=2)
     register_all(sup, clock, "a", "b")
     entered, release = anyio.Event(), anyio.Event()
     failure: list[BackendStoppedError] = []
@@ -186,9 +144,9 @@ async def test_busy_backends_skipped_without_force_evicted_with_it(
 
 
 async def test_two_busy_without_force_raise_capacity_error(
-    sup_factory: Callable[..., Any], clock: ManualClock, recorder: Recorder
+    open_sup: Callable[..., Any], clock: ManualClock, recorder: Recorder
 ) -> None:
-    sup = await sup_factory(max_loaded=2)
+    sup = await open_sup(max_loaded=2)
     register_all(sup, clock, "a", "b")
     release = anyio.Event()
     async with anyio.create_task_group() as tg:
@@ -204,9 +162,9 @@ async def test_two_busy_without_force_raise_capacity_error(
 
 
 async def test_one_idle_between_two_busy_at_limit_1(
-    sup_factory: Callable[..., Any], clock: ManualClock, recorder: Recorder
+    open_sup: Callable[..., Any], clock: ManualClock, recorder: Recorder
 ) -> None:
-    sup = await sup_factory(max_loaded=1)
+    sup = await open_sup(max_loaded=1)
     register_all(sup, clock, "a", "b", "c")
     release = anyio.Event()
     async with anyio.create_task_group() as tg:
@@ -230,9 +188,9 @@ async def _hold(sup: Supervisor, address: str, release: anyio.Event) -> None:
 
 
 async def test_two_concurrent_calls_are_reference_counted(
-    sup_factory: Callable[..., Any], clock: ManualClock
+    open_sup: Callable[..., Any], clock: ManualClock
 ) -> None:
-    sup = await sup_factory()
+    sup = await open_sup()
     sup.register("a", "m")
     first, second = anyio.Event(), anyio.Event()
     async with anyio.create_task_group() as tg:
@@ -251,8 +209,8 @@ async def test_two_concurrent_calls_are_reference_counted(
     assert status.idle_for == 0.0
 
 
-async def test_a_call_entered_is_seen_in_flight_at_once(sup_factory: Callable[..., Any]) -> None:
-    sup = await sup_factory()
+async def test_a_call_entered_is_seen_in_flight_at_once(open_sup: Callable[..., Any]) -> None:
+    sup = await open_sup()
     sup.register("a", "m")
     async with sup.busy("a"):
         # no await since entering: the mark is still queued, yet reads apply it first
@@ -260,9 +218,9 @@ async def test_a_call_entered_is_seen_in_flight_at_once(sup_factory: Callable[..
 
 
 async def test_progress_keeps_a_long_call_alive(
-    sup_factory: Callable[..., Any], clock: ManualClock, recorder: Recorder
+    open_sup: Callable[..., Any], clock: ManualClock, recorder: Recorder
 ) -> None:
-    sup = await sup_factory(busy_timeout=10)
+    sup = await open_sup(busy_timeout=10)
     sup.register("a", "m")
     async with sup.busy("a") as call:
         for _ in range(10):  # 50 s in all, never 10 s without progress
@@ -274,9 +232,9 @@ async def test_progress_keeps_a_long_call_alive(
 
 
 async def test_busy_timeout_fails_the_caller_with_backend_stopped(
-    sup_factory: Callable[..., Any], clock: ManualClock, recorder: Recorder
+    open_sup: Callable[..., Any], clock: ManualClock, recorder: Recorder
 ) -> None:
-    sup = await sup_factory(busy_timeout=10)
+    sup = await open_sup(busy_timeout=10)
     sup.register("a", "m")
     events = sup.events()
     caught: list[BackendStoppedError] = []
@@ -308,9 +266,9 @@ async def test_busy_timeout_fails_the_caller_with_backend_stopped(
 
 
 async def test_idle_time_from_registration_for_a_backend_never_called(
-    sup_factory: Callable[..., Any], clock: ManualClock, recorder: Recorder
+    open_sup: Callable[..., Any], clock: ManualClock, recorder: Recorder
 ) -> None:
-    sup = await sup_factory(idle_timeout=60)
+    sup = await open_sup(idle_timeout=60)
     sup.register("a", "m")
     clock.advance(59)
     await settle(sup)
@@ -322,9 +280,9 @@ async def test_idle_time_from_registration_for_a_backend_never_called(
 
 
 async def test_pinned_backend_is_not_unloaded_when_idle(
-    sup_factory: Callable[..., Any], clock: ManualClock
+    open_sup: Callable[..., Any], clock: ManualClock
 ) -> None:
-    sup = await sup_factory(idle_timeout=1, max_loaded=1)
+    sup = await open_sup(idle_timeout=1, max_loaded=1)
     sup.register("a", "m", pinned=True)
     clock.advance(100)
     await settle(sup)
@@ -334,9 +292,9 @@ async def test_pinned_backend_is_not_unloaded_when_idle(
 
 
 async def test_make_room_wakes_when_a_call_ends(
-    sup_factory: Callable[..., Any], clock: ManualClock
+    open_sup: Callable[..., Any], clock: ManualClock
 ) -> None:
-    sup = await sup_factory(max_loaded=1)
+    sup = await open_sup(max_loaded=1)
     sup.register("a", "m")
     release = anyio.Event()
     result: list[Eviction] = []
@@ -355,9 +313,9 @@ async def test_make_room_wakes_when_a_call_ends(
 
 
 async def test_a_backend_chosen_for_eviction_refuses_new_calls(
-    sup_factory: Callable[..., Any], recorder: Recorder
+    open_sup: Callable[..., Any], recorder: Recorder
 ) -> None:
-    sup = await sup_factory()
+    sup = await open_sup()
     sup.register("a", "m")
     recorder.gate = anyio.Event()
     async with anyio.create_task_group() as tg:
@@ -372,8 +330,8 @@ async def test_a_backend_chosen_for_eviction_refuses_new_calls(
     assert sup.loaded_count == 0
 
 
-async def test_cancellation_inside_busy_is_recorded(sup_factory: Callable[..., Any]) -> None:
-    sup = await sup_factory()
+async def test_cancellation_inside_busy_is_recorded(open_sup: Callable[..., Any]) -> None:
+    sup = await open_sup()
     sup.register("a", "m")
     with anyio.move_on_after(0.01):
         async with sup.busy("a"):
@@ -381,8 +339,8 @@ async def test_cancellation_inside_busy_is_recorded(sup_factory: Callable[..., A
     assert sup.snapshot()[0].inflight == 0
 
 
-async def test_callers_own_errors_pass_through_unchanged(sup_factory: Callable[..., Any]) -> None:
-    sup = await sup_factory()
+async def test_callers_own_errors_pass_through_unchanged(open_sup: Callable[..., Any]) -> None:
+    sup = await open_sup()
     sup.register("a", "m")
     error = KeyError("mine")
     with pytest.raises(KeyError) as caught:
@@ -393,9 +351,9 @@ async def test_callers_own_errors_pass_through_unchanged(sup_factory: Callable[.
 
 
 async def test_outside_cancellation_wins_over_a_forced_stop(
-    sup_factory: Callable[..., Any],
+    open_sup: Callable[..., Any],
 ) -> None:
-    sup = await sup_factory()
+    sup = await open_sup()
     sup.register("a", "m")
     outcome: list[str] = []
 
@@ -418,9 +376,9 @@ async def test_outside_cancellation_wins_over_a_forced_stop(
 
 
 async def test_forced_evict_fails_every_caller(
-    sup_factory: Callable[..., Any], recorder: Recorder
+    open_sup: Callable[..., Any], recorder: Recorder
 ) -> None:
-    sup = await sup_factory()
+    sup = await open_sup()
     sup.register("a", "m")
     reasons: list[EvictionReason] = []
 
@@ -441,9 +399,9 @@ async def test_forced_evict_fails_every_caller(
 
 
 async def test_unforced_evict_waits_for_calls_then_gives_up(
-    sup_factory: Callable[..., Any], recorder: Recorder
+    open_sup: Callable[..., Any], recorder: Recorder
 ) -> None:
-    sup = await sup_factory(eviction_timeout=0.05)
+    sup = await open_sup(eviction_timeout=0.05)
     sup.register("a", "m")
     release = anyio.Event()
     async with anyio.create_task_group() as tg:
@@ -468,9 +426,9 @@ async def test_unforced_evict_waits_for_calls_then_gives_up(
 
 
 async def test_failing_callback_keeps_the_backend_tracked(
-    sup_factory: Callable[..., Any], recorder: Recorder
+    open_sup: Callable[..., Any], recorder: Recorder
 ) -> None:
-    sup = await sup_factory()
+    sup = await open_sup()
     sup.register("a", "m")
     recorder.error = RuntimeError("cannot unload")
     eviction = await sup.evict("a")
@@ -485,9 +443,9 @@ async def test_failing_callback_keeps_the_backend_tracked(
 
 
 async def test_hanging_callback_is_bounded_by_stop_timeout(
-    sup_factory: Callable[..., Any], recorder: Recorder
+    open_sup: Callable[..., Any], recorder: Recorder
 ) -> None:
-    sup = await sup_factory(stop_timeout=0.05)
+    sup = await open_sup(stop_timeout=0.05)
     sup.register("a", "m")
     recorder.hang = True
     eviction = await sup.evict("a")
@@ -500,9 +458,9 @@ async def test_hanging_callback_is_bounded_by_stop_timeout(
 
 
 async def test_configure_live_loses_no_state(
-    sup_factory: Callable[..., Any], clock: ManualClock
+    open_sup: Callable[..., Any], clock: ManualClock
 ) -> None:
-    sup = await sup_factory(idle_timeout=1000)
+    sup = await open_sup(idle_timeout=1000)
     register_all(sup, clock, "a", "b")
     release = anyio.Event()
     async with anyio.create_task_group() as tg:
@@ -535,9 +493,9 @@ async def test_configure_live_loses_no_state(
     ],
 )
 async def test_bad_configuration_is_refused_and_changes_nothing(
-    sup_factory: Callable[..., Any], changes: dict[str, Any]
+    open_sup: Callable[..., Any], changes: dict[str, Any]
 ) -> None:
-    sup = await sup_factory(max_loaded=2)
+    sup = await open_sup(max_loaded=2)
     before = sup.settings
     with pytest.raises(ConfigError):
         sup.configure(**changes)
@@ -547,9 +505,9 @@ async def test_bad_configuration_is_refused_and_changes_nothing(
 
 
 async def test_bad_registration_is_refused_and_changes_nothing(
-    sup_factory: Callable[..., Any],
+    open_sup: Callable[..., Any],
 ) -> None:
-    sup = await sup_factory()
+    sup = await open_sup()
     sup.register("a", "m")
     with pytest.raises(DuplicateBackendError):
         sup.register("a", "other")
@@ -616,9 +574,9 @@ async def test_stop_on_exit_false_leaves_backends_alone(
 
 
 async def test_each_subscriber_sees_every_eviction_from_subscription_on(
-    sup_factory: Callable[..., Any], clock: ManualClock
+    open_sup: Callable[..., Any], clock: ManualClock
 ) -> None:
-    sup = await sup_factory()
+    sup = await open_sup()
     register_all(sup, clock, "a", "b", "c")
     await sup.evict("a")
     first, second = sup.events(), sup.events(buffer=1)

@@ -36,14 +36,10 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from ._errors import (
-    BackendBusyError,
-    BackendStoppedError,
-    CapacityError,
     ConfigError,
-    SupervisorClosedError,
-    UnknownBackendError,
     WatchdogError,
 )
+from ._http import http_error
 from ._supervisor import Supervisor
 
 __all__ = ("SUPERVISOR_KEY", "error_middleware", "error_response", "get_supervisor", "setup")
@@ -112,30 +108,12 @@ def get_supervisor(request: web.Request) -> Supervisor:
 
 
 def error_response(exc: BaseException, *, retry_after: int = 1) -> web.Response | None:
-    """The HTTP answer to one of the supervisor's errors, or None for any other exception.
-
-    - :class:`BackendBusyError` (wait queue full, or ``wait_timeout`` ran out),
-      :class:`CapacityError` (no room in time) and :class:`BackendStoppedError` (the backend was
-      stopped under the call or just before; a retry loads it again): 503 + ``Retry-After``.
-    - :class:`SupervisorClosedError` (shutting down): 503 without ``Retry-After``.
-    - :class:`UnknownBackendError`: 404.
-    """
-    if isinstance(exc, UnknownBackendError):
-        return web.json_response(_body(exc), status=404)
-    if isinstance(exc, SupervisorClosedError):
-        return web.json_response(_body(exc), status=503)
-    if isinstance(exc, BackendBusyError | CapacityError | BackendStoppedError):
-        return web.json_response(
-            _body(exc), status=503, headers={"Retry-After": str(max(0, int(retry_after)))}
-        )
-    return None
-
-
-def _body(exc: WatchdogError) -> dict[str, Any]:
-    body: dict[str, Any] = {"detail": str(exc), "error": type(exc).__name__}
-    if isinstance(exc, BackendStoppedError):
-        body["reason"] = exc.reason.value
-    return body
+    """The HTTP answer to one of the supervisor\'s errors (see README\'s table), or None for
+    any other exception."""
+    answer = http_error(exc, retry_after=retry_after)
+    if answer is None:
+        return None
+    return web.json_response(answer.body, status=answer.status, headers=answer.headers)
 
 
 def error_middleware(*, retry_after: int = 1) -> Middleware:

@@ -59,8 +59,8 @@ from ._errors import (
     ConfigError,
     SupervisorClosedError,
     UnknownBackendError,
-    WatchdogError,
 )
+from ._http import http_error
 from ._supervisor import Supervisor
 
 __all__ = (
@@ -157,34 +157,12 @@ SupervisorDep = Annotated[Supervisor, Depends(get_supervisor)]
 
 
 def error_response(exc: BaseException, *, retry_after: int = 1) -> Response | None:
-    """The HTTP answer to one of the supervisor's errors, or None for any other exception.
-
-    - :class:`BackendBusyError` (the backend's wait queue is full, or ``wait_timeout`` ran
-      out): 503 with ``Retry-After``, as Ollama answers a full queue.
-    - :class:`CapacityError` (no room: every loaded backend busy or pinned, or the memory would
-      not fit within ``eviction_timeout``): 503 with ``Retry-After``; room may free up soon.
-    - :class:`BackendStoppedError` (the backend was stopped under the call or just before:
-      evicted, hung past ``busy_timeout``, exited): 503 with ``Retry-After``. The client did
-      nothing wrong and a retry loads the model again; the body says why (``reason``).
-    - :class:`SupervisorClosedError` (shutting down): 503 without ``Retry-After``.
-    - :class:`UnknownBackendError`: 404.
-    """
-    if isinstance(exc, UnknownBackendError):
-        return JSONResponse(_body(exc), status_code=404)
-    if isinstance(exc, SupervisorClosedError):
-        return JSONResponse(_body(exc), status_code=503)
-    if isinstance(exc, BackendBusyError | CapacityError | BackendStoppedError):
-        return JSONResponse(
-            _body(exc), status_code=503, headers={"Retry-After": str(max(0, int(retry_after)))}
-        )
-    return None
-
-
-def _body(exc: WatchdogError) -> dict[str, Any]:
-    body: dict[str, Any] = {"detail": str(exc), "error": type(exc).__name__}
-    if isinstance(exc, BackendStoppedError):
-        body["reason"] = exc.reason.value
-    return body
+    """The HTTP answer to one of the supervisor\'s errors (see README\'s table), or None for
+    any other exception."""
+    answer = http_error(exc, retry_after=retry_after)
+    if answer is None:
+        return None
+    return JSONResponse(answer.body, status_code=answer.status, headers=answer.headers)
 
 
 def add_exception_handlers(app: Starlette, *, retry_after: int = 1) -> None:
