@@ -348,7 +348,7 @@ async def test_wait_timeout_not_reached_is_admitted(open_sup: OpenSup) -> None:
         calls = Calls(sup, tg)
         await calls.start("holder")
         await calls.start("w", wait_timeout=10)
-        await anyio.sleep(9)
+        await anyio.sleep(9)  # virtual time (looptime): no real wait
         calls.let_go("holder")
         await blocked()
         assert calls.entered == ["holder", "w"]
