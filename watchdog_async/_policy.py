@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from ._settings import Settings
 
 __all__ = (
+    "above",
     "busy_deadline",
     "due",
     "fit_deficit",
@@ -172,9 +173,14 @@ def lru_victims(
 # -- memory ----------------------------------------------------------------------------------
 
 
+def above(device: DeviceMemory, fraction: float) -> bool:
+    """The device's used fraction is above ``fraction`` (at it is fine: hysteresis)."""
+    return device.total > 0 and device.used / device.total > fraction
+
+
 def over_threshold(reading: MemoryReading, threshold: float) -> list[DeviceMemory]:
     """Devices whose used fraction is above the threshold."""
-    return [d for d in reading.devices if d.total > 0 and d.used / d.total > threshold]
+    return [d for d in reading.devices if above(d, threshold)]
 
 
 def memory_victims(

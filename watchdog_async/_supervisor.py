@@ -1028,10 +1028,7 @@ class Supervisor:
         force: bool | None,
         reserve: bool,
     ) -> list[Eviction]:
-        if memory is not None and (
-            isinstance(memory, bool) or not isinstance(memory, int) or memory < 0
-        ):
-            raise ConfigError(f"memory must be a number of bytes >= 0, got {memory!r}")
+        _check_bytes(memory)
         if force is not None and not isinstance(force, bool):
             raise ConfigError(f"force must be a bool, got {force!r}")
         wait = parse_duration(
@@ -1204,7 +1201,7 @@ class Supervisor:
             if evictions:  # stops for an earlier device may have freed this one too
                 fresh = await self._read_memory()
                 current = None if fresh is None else _same_device(fresh, device)
-            while current is not None and current.used / current.total > target:
+            while current is not None and policy.above(current, target):
                 self._drain()
                 held = await self._held_on(current)
                 victims = policy.memory_victims(
@@ -1277,10 +1274,7 @@ class Supervisor:
             raise ConfigError(f"model must be a non-empty string, got {model!r}")
         if not callable(start):
             raise ConfigError(f"start must be an async callable, got {start!r}")
-        if memory is not None and (
-            isinstance(memory, bool) or not isinstance(memory, int) or memory < 0
-        ):
-            raise ConfigError(f"memory must be a number of bytes >= 0, got {memory!r}")
+        _check_bytes(memory)
         return _Acquire(self, model, start, memory)
 
     async def _acquire_handle(self, model: str, start: Start, memory: int | None) -> BusyHandle:
@@ -1372,6 +1366,13 @@ def _same_device(reading: MemoryReading, device: DeviceMemory) -> DeviceMemory |
     """``device`` as ``reading`` sees it (same kind and index), if it is there."""
     key = (device.kind, device.index)
     return next((d for d in reading.devices if (d.kind, d.index) == key), None)
+
+
+def _check_bytes(memory: object) -> None:
+    if memory is not None and (
+        isinstance(memory, bool) or not isinstance(memory, int) or memory < 0
+    ):
+        raise ConfigError(f"memory must be a number of bytes >= 0, got {memory!r}")
 
 
 def _unpack_started(started: object) -> tuple[str, object]:
