@@ -29,7 +29,7 @@ def lint(session: nox.Session) -> None:
 def typing(session: nox.Session) -> None:
     """mypy --strict on the package and its tests."""
     session.install("-e", ".[dev]")
-    session.run("mypy", "--strict", "watchdog_async", "tests", "examples")
+    session.run("mypy", "--strict", "watchdog_async", "tests", "examples", "benchmarks")
 
 
 @nox.session(python=PYTHON)
