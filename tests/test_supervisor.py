@@ -10,7 +10,8 @@ from typing import Any
 
 import anyio
 import pytest
-from _support import Recorder
+from loguru import logger
+from _support import OpenSup, Recorder
 
 from watchdog_async import (
     BackendStoppedError,
@@ -597,3 +598,37 @@ async def test_runs_in_a_users_task_group(clock: ManualClock, recorder: Recorder
     assert recorder.stopped == ["a"]
     with pytest.raises(SupervisorClosedError):
         sup.register("b", "m")
+
+
+async def test_each_eviction_is_logged_once_enabled_and_nothing_before(
+    open_sup: OpenSup, clock: ManualClock
+) -> None:
+    messages: list[str] = []
+    sink = logger.add(messages.append, level="INFO", format="{level} {message}")
+    try:
+        sup = await open_sup()
+        register_all(sup, clock, "a", "b")
+        await sup.evict("a")
+        assert messages == []  # disabled at import: the application opts in
+        logger.enable("watchdog_async")
+        try:
+            await sup.evict("b")
+        finally:
+            logger.disable("watchdog_async")
+    finally:
+        logger.remove(sink)
+    evicted = [m for m in messages if "evicted" in m]
+    assert len(evicted) == 1
+    assert "b (model-b)" in evicted[0]
+    assert "reason=manual" in evicted[0]
+    assert evicted[0].startswith("INFO")
+
+
+async def test_readme_testing_example() -> None:
+    """The example in README's "Testing your app" (and testing.py's docstring), as written."""
+    clock = ManualClock()
+    async with Supervisor(idle_timeout=60, clock=clock) as sup:
+        sup.register("127.0.0.1:9001", "llama")
+        clock.advance(61)
+        await settle(sup)
+        assert sup.loaded_count == 0

@@ -24,6 +24,7 @@ from ._memory import (
     MemoryProbe,
     MemoryReading,
     NvmlProbe,
+    NvmlUnavailableError,
     SystemMemoryProbe,
     default_probe,
 )
@@ -50,6 +51,7 @@ __all__ = (
     "MemoryProbe",
     "MemoryReading",
     "NvmlProbe",
+    "NvmlUnavailableError",
     "Settings",
     "Supervisor",
     "SupervisorClosedError",

@@ -21,6 +21,9 @@ Every exception the library raises on purpose derives from :class:`WatchdogError
     │       (an :class:`EvictionReason`); load the backend again to go on.
     ├── BackendBusyError(WatchdogError)
     │       the backend's wait queue is full (``max_waiting``), or ``wait_timeout`` ran out.
+    ├── NvmlUnavailableError(WatchdogError)   (defined in _memory)
+    │       ``NvmlProbe()`` cannot use NVML here (no library, no driver, no GPU);
+    │       ``default_probe()`` then falls back to system RAM.
     └── SupervisorClosedError(WatchdogError)
             the supervisor is not running: not started yet, or closed (it refuses reuse).
 

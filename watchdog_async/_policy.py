@@ -22,6 +22,7 @@ __all__ = (
     "busy_deadline",
     "due",
     "fit_deficit",
+    "held_on",
     "idle_deadline",
     "lru_victims",
     "max_concurrency",
@@ -32,6 +33,7 @@ __all__ = (
     "reschedule_all",
     "room_needed",
     "schedule",
+    "stop_failed",
 )
 
 
@@ -135,6 +137,14 @@ def due(registry: Registry, now: float, settings: Settings) -> list[tuple[Record
     return found
 
 
+def stop_failed(record: Record, now: float) -> None:
+    """A backend that could not be stopped stays tracked and takes calls again; its idle timer
+    starts again from now, so the retry is one idle timeout away, not immediate."""
+    record.stopping = None
+    if now > record.idle_since:
+        record.idle_since = now
+
+
 # -- least recently used -----------------------------------------------------------------------
 
 
@@ -196,6 +206,23 @@ def memory_victims(
     candidates = [r for r in registry if _evictable(r, exclude) and (force or not r.calls)]
     # stable sort: idle before busy, then holders by bytes (desc), then LRU order
     return sorted(candidates, key=lambda r: (bool(r.calls), -held.get(r.address, 0)))
+
+
+def held_on(
+    device: DeviceMemory, records: Iterable[Record], trees: Mapping[str, Iterable[int]]
+) -> dict[str, int]:
+    """Bytes each backend holds on ``device``: the per-process figures of its process tree
+    (``trees``: address -> pids of the registered process and its descendants) where the
+    device has them, else the ``size`` declared at registration."""
+    if device.processes is None:
+        return {r.address: r.size for r in records if r.size}
+    per_pid = device.processes
+    held: dict[str, int] = {}
+    for record in records:
+        total = sum(per_pid.get(pid, 0) for pid in trees.get(record.address, ()))
+        if total:
+            held[record.address] = total
+    return held
 
 
 def fit_deficit(

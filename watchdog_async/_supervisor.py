@@ -195,7 +195,8 @@ class BusyHandle(Call):
         # the caller's own error passes through unchanged
 
     def __repr__(self) -> str:
-        return f"<BusyHandle {self._address!r} {self.state.name}>"
+        state = getattr(self, "state", None)
+        return f"<BusyHandle {self._address!r} {'NEW' if state is None else state.name}>"
 
 
 class _Limiter:
@@ -368,6 +369,7 @@ class Supervisor:
             raise ConfigError(f"memory_probe must have a read() method, got {memory_probe!r}")
         self._shutdown = shutdown
         self._probe = memory_probe
+        self._owns_probe = False  # chosen by default_probe(): closed when the supervisor closes
         self._given_clock = clock
         self._clock: Callable[[], float] = clock or _not_running_clock
         self._state = _State.CREATED
@@ -490,6 +492,12 @@ class Supervisor:
                 await stop.wait()
         for stop in list(self._stops):
             await stop.wait()
+        close_probe = getattr(self._probe, "close", None) if self._owns_probe else None
+        if callable(close_probe):  # the probe we chose ourselves (NVML is shut down once)
+            try:
+                await anyio.to_thread.run_sync(close_probe)
+            except Exception as exc:
+                self._fault("memory probe", exc)
 
     def _refusal(self, address: str, record: Record | None) -> WatchdogError:
         """Why ``busy()`` refuses a call at once."""
@@ -884,8 +892,7 @@ class Supervisor:
             record.evicted = eviction
             self._untrack(record)
         else:  # still tracked and counted; idle from now so a retry is not immediate
-            record.stopping = None
-            record.idle_since = max(record.idle_since, self._clock())
+            policy.stop_failed(record, self._clock())
             policy.schedule(self._registry, record, self._settings)
             self._wake_if_earlier()
         stop.result = eviction
@@ -1131,7 +1138,7 @@ class Supervisor:
         def read() -> object:
             try:
                 if self._probe is None:
-                    self._probe = default_probe()
+                    self._probe, self._owns_probe = default_probe(), True
                     logger.info(
                         "memory probe: {}", getattr(self._probe, "description", self._probe)
                     )
@@ -1160,23 +1167,15 @@ class Supervisor:
         return reading
 
     async def _held_on(self, device: DeviceMemory) -> dict[str, int]:
-        """Bytes each backend's process tree holds on ``device`` (per-process figures), or
-        the declared sizes where the device has none."""
+        """Bytes each backend holds on ``device`` (see :func:`policy.held_on`)."""
         records = [r for r in self._registry if r.stopping is None]
-        if device.processes is None:
-            return {r.address: r.size for r in records if r.size}
-        per_pid = dict(device.processes)
-        watched = [(r.address, r.process) for r in records if r.process is not None]
-
-        def attribute() -> dict[str, int]:
-            held: dict[str, int] = {}
-            for address, ref in watched:
-                total = sum(per_pid.get(pid, 0) for pid in tree_pids(ref))
-                if total:
-                    held[address] = total
-            return held
-
-        return await anyio.to_thread.run_sync(attribute)
+        trees: dict[str, tuple[int, ...]] = {}
+        if device.processes is not None:
+            watched = [(r.address, r.process) for r in records if r.process is not None]
+            trees = await anyio.to_thread.run_sync(
+                lambda: {address: tree_pids(ref) for address, ref in watched}
+            )
+        return policy.held_on(device, records, trees)
 
     async def _memory_pass(self) -> list[Eviction]:
         """For each device over the threshold, evict one backend at a time (holders first,
