@@ -10,8 +10,8 @@ from typing import Any
 
 import anyio
 import pytest
-from loguru import logger
 from _support import OpenSup, Recorder
+from loguru import logger
 
 from watchdog_async import (
     BackendStoppedError,
