@@ -143,6 +143,8 @@ def stop_failed(record: Record, now: float) -> None:
     record.stopping = None
     if now > record.idle_since:
         record.idle_since = now
+    if now > record.last_progress:  # a hung one: the busy retry is one busy timeout away
+        record.last_progress = now
 
 
 # -- least recently used -----------------------------------------------------------------------

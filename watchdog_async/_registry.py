@@ -80,6 +80,7 @@ class Record:
         "busy_scheduled",
         "calls",
         "claimed",
+        "draining",
         "evicted",
         "idle_scheduled",
         "idle_since",
@@ -126,6 +127,7 @@ class Record:
         self.registered = True
         self.stopping: EvictionReason | None = None  # chosen for eviction: takes no new calls
         self.claimed = False  # a make_room call counts on this stop to free a slot
+        self.draining = 0  # unforced evict() calls waiting for its calls to end
         self.attempted = 0  # eviction attempts (failed stops stay tracked)
         self.stop: Any = None  # the supervisor's shared stop in progress, if any
         self.evicted: Any = None  # the Eviction that untracked it (set when stopped ok)

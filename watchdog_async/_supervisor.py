@@ -481,6 +481,7 @@ class Supervisor:
         self._state = _State.CLOSING
         self._records = {}  # busy() refuses new calls from now on
         self._drain()
+        self._notify_changed()  # make_room/evict waiters: SupervisorClosedError now
         for record in self._registry:
             if record.limiter is not None:
                 record.limiter.fail_waiters(
@@ -611,6 +612,7 @@ class Supervisor:
         self._set_limiter(record)
         policy.schedule(self._registry, record, self._settings)
         self._wake_if_earlier()
+        self._notify_changed()  # one more idle backend: evictable for a waiting make_room
         logger.debug("registered {} ({}) pid={}", address, model, record.public.pid)
         return record.public
 
@@ -853,7 +855,11 @@ class Supervisor:
                 call.stopped = reason
                 task = call.task
                 if task is not None and not task.done():
-                    if task.cancelling():
+                    if task is asyncio.current_task():
+                        # the caller itself asked (check() or evict() inside its own busy()):
+                        # no cancellation to convert; its exit raises BackendStoppedError
+                        call.task = None
+                    elif task.cancelling():
                         # Already being cancelled (the caller's own timeout, a disconnect):
                         # cancelling again in the same round would fold both into one
                         # CancelledError with our message, which the caller's cancel scope
@@ -974,22 +980,27 @@ class Supervisor:
         if record.stop is None and record.calls and not force:
             deadline = anyio.current_time() + self._settings.eviction_timeout
             record.stopping = EvictionReason.MANUAL  # draining: no new calls
+            record.draining += 1
             if record.limiter is not None:  # nor waiting ones
                 record.limiter.fail_waiters(
                     lambda: BackendStoppedError(address, EvictionReason.MANUAL)
                 )
             try:
                 while record.calls and record.stop is None and record.registered:
-                    if not await self._wait_changed(deadline):
+                    changed = await self._wait_changed(deadline)
+                    self._check_running()
+                    if not changed:
                         raise CapacityError(
                             f"{address!r} still had {len(record.calls)} call(s) in flight after "
                             f"{self._settings.eviction_timeout} s"
                         )
                     self._drain()
             finally:
-                if record.stop is None and record.registered:
+                record.draining -= 1
+                if record.stop is None and record.registered and not record.draining:
                     record.stopping = None  # gave up (or cancelled): it takes calls again
                     policy.schedule(self._registry, record, self._settings)
+                    self._notify_changed()
             if not record.registered:  # stopped (or forgotten) by someone else meanwhile
                 evicted: Eviction | None = record.evicted
                 if evicted is not None:
@@ -1065,6 +1076,11 @@ class Supervisor:
             fit_device: DeviceMemory | None = None
             if need == 0 and memory:
                 missing = await self._memory_missing(memory)
+                self._drain()
+                if policy.room_needed(
+                    len(registry), self._reserved + pending, self._settings.max_loaded
+                ):
+                    continue  # a load reserved or registered meanwhile: count again
                 if missing:
                     reason = EvictionReason.MEMORY
                     victims, fit_device = await self._memory_fit_victims(memory, force, attempted)
@@ -1091,10 +1107,16 @@ class Supervisor:
                 record.claimed = True
                 stops.append(self._begin_stop(record, reason))
             if stops:
-                for stop in stops:
-                    result = await stop.wait()
-                    if result not in tried:
-                        tried.append(result)
+                try:
+                    for stop in stops:
+                        result = await stop.wait()
+                        if result not in tried:
+                            tried.append(result)
+                except BaseException:  # cancelled: the stops go on, nobody counts on them now
+                    for stop in stops:
+                        if stop.result is None:
+                            stop.record.claimed = False
+                    raise
                 if fit_device is not None:
                     await self._await_release(fit_device)
                 continue
@@ -1175,6 +1197,7 @@ class Supervisor:
             trees = await anyio.to_thread.run_sync(
                 lambda: {address: tree_pids(ref) for address, ref in watched}
             )
+            self._drain()  # calls that entered meanwhile count as in flight for the victims
         return policy.held_on(device, records, trees)
 
     async def _memory_pass(self) -> list[Eviction]:
@@ -1332,6 +1355,7 @@ class Supervisor:
                 record = self._registry.get(address)
             finally:
                 self._reserved -= 1
+                self._notify_changed()  # a slot given back, or a backend that may be idle
         except Exception as exc:
             load.error, load.traceback = exc, exc.__traceback__
             logger.warning("starting {} failed: {!r}", model, exc)
