@@ -9,11 +9,13 @@ from collections.abc import Callable
 from typing import Any
 
 import anyio
+import looptime
 import pytest
 from _support import OpenSup, Recorder
 from loguru import logger
 
 from watchdog_async import (
+    Backend,
     BackendStoppedError,
     CapacityError,
     ConfigError,
@@ -632,3 +634,52 @@ async def test_readme_testing_example() -> None:
         clock.advance(61)
         await settle(sup)
         assert sup.loaded_count == 0
+
+
+LOOPTIME = pytest.mark.parametrize(
+    "anyio_backend",
+    [pytest.param(("asyncio", {"loop_factory": looptime.new_event_loop}), id="looptime")],
+)
+
+
+@LOOPTIME
+@pytest.mark.parametrize("check_interval", [0.5, 3600.0])
+async def test_idle_unload_within_50ms_of_its_deadline_whatever_check_interval(
+    check_interval: float,
+) -> None:
+    """Virtual time (looptime): the supervisor's default clock is the loop's."""
+    stopped_at: list[float] = []
+
+    async def shutdown(backend: Backend) -> None:
+        stopped_at.append(anyio.current_time())
+
+    async with Supervisor(shutdown=shutdown, idle_timeout=10, check_interval=check_interval) as sup:
+        began = anyio.current_time()
+        sup.register("a", "m")
+        await anyio.sleep(12)
+    assert len(stopped_at) == 1
+    assert stopped_at[0] - began == pytest.approx(10, abs=0.05)
+
+
+@LOOPTIME
+async def test_the_deadline_loop_does_not_poll(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With nothing due for an hour, the deadline loop wakes only when something changes."""
+    from watchdog_async import _policy
+
+    looked = 0
+    real_due = _policy.due
+
+    def counting_due(*args: Any, **kwargs: Any) -> Any:
+        nonlocal looked
+        looked += 1
+        return real_due(*args, **kwargs)
+
+    monkeypatch.setattr(_policy, "due", counting_due)
+    async with Supervisor(idle_timeout=3600, check_interval=3600) as sup:
+        sup.register("a", "m")
+        await anyio.sleep(1800)  # half an hour with nothing due
+        before = looked
+        await anyio.sleep(1800 - 1)
+        assert looked == before  # no wake-up while nothing changed and nothing was due
+        await anyio.sleep(2)
+        assert sup.loaded_count == 0  # ...and it woke for the deadline itself
