@@ -9,7 +9,10 @@ Variants, same work around them, measured interleaved in one process, best of N 
 
 - ``floor``: a do-nothing async context manager (one object per call, like the others);
 - ``port``: LocalAI's Mark/UnMark (``localai_port.py``: a lock and maps, no reference counts);
-- ``ours``: ``Supervisor.busy()`` (reference counts, progress, cancellation of the caller).
+- ``ours``: ``Supervisor.busy()`` (reference counts, progress, cancellation of the caller);
+- ``limited``: ``Supervisor.busy()`` on a backend with ``max_concurrency`` set (never reached):
+  what admission control costs where it is on, for context; unlimited backends (``ours``) pay
+  one attribute check for it.
 
 Scenarios:
 
@@ -47,6 +50,7 @@ from localai_port import PortBusy, WatchDog
 from watchdog_async import Supervisor
 
 ADDRESS = "127.0.0.1:50051"
+LIMITED = "127.0.0.1:50052"
 TARGET = 1.25
 clock = time.thread_time
 
@@ -184,6 +188,7 @@ async def main(argv: list[str] | None = None) -> list[Row]:
     rows: list[Row] = []
     async with Supervisor(busy_timeout=300, idle_timeout=900) as sup:
         sup.register(ADDRESS, "model")
+        sup.register(LIMITED, "model", max_concurrency=1 << 30)
         await asyncio.sleep(0.01)  # let the deadline loop plan its wake-up
 
         def port(address: str) -> PortBusy:
@@ -193,6 +198,7 @@ async def main(argv: list[str] | None = None) -> list[Row]:
             "floor": (Null, _nothing),
             "port": (port, _nothing),
             "ours": (sup.busy, sup._drain),
+            "limited": (lambda address: sup.busy(LIMITED), sup._drain),
         }
         scenarios: dict[str, Callable[[Make, Callable[[], None]], Awaitable[float]]] = {
             "sequential": lambda m, s: sequential(m, s, batch, batches),
@@ -237,6 +243,7 @@ async def main(argv: list[str] | None = None) -> list[Row]:
                     )
                 )
             info("1", f"{scenario}: ours / floor", best["ours"] / best["floor"], "x")
+            info("1", f"{scenario}: limited / ours", best["limited"] / best["ours"], "x")
             info("1", f"{scenario}: port / floor", best["port"] / best["floor"], "x")
     finish(rows, args, started)
     return rows

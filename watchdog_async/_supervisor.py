@@ -144,12 +144,13 @@ class BusyHandle(Call):
             raise sup._refusal(self._address, record)
         limiter = record.limiter
         if limiter is not None:
-            await limiter.acquire(self, getattr(self, "_wait_timeout", None))
-            # handed the slot, but the backend may have been chosen for eviction (or the
-            # supervisor closed) before this task ran: do not enter it then
-            if record.stopping is not None or sup._state is not _State.RUNNING:
-                limiter.release()
-                raise sup._refusal(self._address, record)
+            if not limiter.try_admit():  # a free slot and nobody waiting: no await
+                await limiter.wait_for_slot(self, getattr(self, "_wait_timeout", None))
+                # handed the slot, but the backend may have been chosen for eviction (or the
+                # supervisor closed) before this task ran: do not enter it then
+                if record.stopping is not None or sup._state is not _State.RUNNING:
+                    limiter.release()
+                    raise sup._refusal(self._address, record)
             self.limiter = limiter
         self.record = record
         self.entered_at = sup._clock()
@@ -217,9 +218,8 @@ class _Limiter:
             return True
         return False
 
-    async def acquire(self, handle: BusyHandle, wait_timeout: float | None) -> None:
-        if self.try_admit():
-            return
+    async def wait_for_slot(self, handle: BusyHandle, wait_timeout: float | None) -> None:
+        """Queue behind the other waiters (``try_admit`` said no) until a slot is handed over."""
         sup = handle._sup
         if len(self.waiters) >= sup._settings.max_waiting:
             raise BackendBusyError(self.address, f"{len(self.waiters)} callers already waiting")
