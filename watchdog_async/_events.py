@@ -67,7 +67,7 @@ class EventStream:
 
     def __init__(self, maxlen: int) -> None:
         self._items: deque[Eviction] = deque(maxlen=maxlen)
-        self._ready = anyio.Event()
+        self._ready: anyio.Event | None = None  # what readers wait on; shared by all of them
         self._closed = False
         self.dropped = 0
 
@@ -77,11 +77,16 @@ class EventStream:
         if len(self._items) == self._items.maxlen:
             self.dropped += 1
         self._items.append(eviction)
-        self._ready.set()
+        self._wake()
 
     def close(self) -> None:
         self._closed = True
-        self._ready.set()
+        self._wake()
+
+    def _wake(self) -> None:
+        ready, self._ready = self._ready, None
+        if ready is not None:  # wakes every reader waiting, not only the latest one
+            ready.set()
 
     async def aclose(self) -> None:
         """Stop receiving; what is buffered is still delivered."""
@@ -94,6 +99,8 @@ class EventStream:
         while not self._items:
             if self._closed:
                 raise StopAsyncIteration
-            self._ready = anyio.Event()
-            await self._ready.wait()
+            ready = self._ready
+            if ready is None:
+                ready = self._ready = anyio.Event()
+            await ready.wait()
         return self._items.popleft()

@@ -51,6 +51,7 @@ class Backend:
 class CallState(enum.IntEnum):
     """Where one ``busy()`` call's message stands with the consumer."""
 
+    NEW = -1  # made, not entered yet (a handle is entered once)
     QUEUED = 0  # entered; its mark is on the queue
     ENDED_QUEUED = 1  # entered and left before its mark was applied: one message for both
     ACTIVE = 2  # mark applied: counted in flight

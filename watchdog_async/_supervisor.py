@@ -45,7 +45,8 @@ __all__ = ("BusyHandle", "Supervisor")
 Shutdown = Callable[[Backend], Awaitable[None]]
 Start = Callable[[str], Awaitable[tuple[str, Any] | str]]
 
-_QUEUED, _ENDED_QUEUED, _EXIT_QUEUED = (
+_NEW, _QUEUED, _ENDED_QUEUED, _EXIT_QUEUED = (
+    CallState.NEW,
     CallState.QUEUED,
     CallState.ENDED_QUEUED,
     CallState.EXIT_QUEUED,
@@ -99,6 +100,7 @@ class BusyHandle(Call):
         self._address = address
         self.stopped: EvictionReason | None = None  # set when the supervisor stopped the backend
         self.limiter: _Limiter | None = None
+        self.state = _NEW
 
     @property
     def address(self) -> str:
@@ -137,6 +139,8 @@ class BusyHandle(Call):
 
     # __aenter__ and __aexit__ inline _enter and _leave: they are the hot path.
     async def __aenter__(self) -> Self:
+        if self.state is not _NEW:
+            raise RuntimeError("a busy() handle is entered once: call sup.busy() for each call")
         sup = self._sup
         # _records is emptied when the supervisor closes: one lookup checks both
         record = sup._records.get(self._address)
@@ -151,6 +155,13 @@ class BusyHandle(Call):
                 if record.stopping is not None or sup._state is not _State.RUNNING:
                     limiter.release()
                     raise sup._refusal(self._address, record)
+                if record.limiter is not limiter:
+                    # the limit was removed (and maybe set again) while this caller waited:
+                    # admitted, it counts against the current limiter like a call in flight
+                    limiter.release()
+                    limiter = record.limiter
+                    if limiter is not None:
+                        limiter.admitted += 1
             self.limiter = limiter
         self.record = record
         self.entered_at = sup._clock()
@@ -196,8 +207,7 @@ class BusyHandle(Call):
         # the caller's own error passes through unchanged
 
     def __repr__(self) -> str:
-        state = getattr(self, "state", None)
-        return f"<BusyHandle {self._address!r} {'NEW' if state is None else state.name}>"
+        return f"<BusyHandle {self._address!r} {self.state.name}>"
 
 
 class _Limiter:
@@ -312,6 +322,8 @@ class _Acquire:
         self._handle: BusyHandle | None = None
 
     async def __aenter__(self) -> Backend:
+        if self._handle is not None:
+            raise RuntimeError("this acquire() is already entered: call sup.acquire() again")
         self._handle = await self._sup._acquire_handle(self._model, self._start, self._memory)
         return self._handle.record.public
 
@@ -328,8 +340,9 @@ class _Acquire:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> bool:
-        assert self._handle is not None
-        return await self._handle.__aexit__(exc_type, exc, tb)
+        handle, self._handle = self._handle, None
+        assert handle is not None
+        return await handle.__aexit__(exc_type, exc, tb)
 
 
 def _validate_process(process: object) -> ProcessRef | None:
@@ -496,7 +509,9 @@ class Supervisor:
         close_probe = getattr(self._probe, "close", None) if self._owns_probe else None
         if callable(close_probe):  # the probe we chose ourselves (NVML is shut down once)
             try:
-                await anyio.to_thread.run_sync(close_probe)
+                # abandoned at the bound: a wedged driver (a read may be hung already) must
+                # not keep the application from leaving
+                await anyio.to_thread.run_sync(close_probe, abandon_on_cancel=True)
             except Exception as exc:
                 self._fault("memory probe", exc)
 
@@ -815,17 +830,22 @@ class Supervisor:
                 await self._wake.wait()
 
     async def _periodic_loop(self) -> None:
+        last = anyio.current_time()
         while True:
             self._periodic_wake = anyio.Event()
-            with anyio.move_on_after(self._settings.check_interval):
+            # counted from the last check, not from the last wake-up: configure() wakes us to
+            # read a new check_interval, and frequent changes must not postpone every check
+            delay = last + self._settings.check_interval - anyio.current_time()
+            with anyio.move_on_after(max(0.0, delay)):
                 await self._periodic_wake.wait()
-                continue  # settings changed: restart the interval
+                continue  # settings changed: the interval may be shorter now
             try:
                 await self._detect_exits()
                 if self._settings.memory_threshold is not None:
                     await self._memory_pass()
             except Exception as exc:  # never let a check stop the supervisor
                 self._fault("periodic check", exc)
+            last = anyio.current_time()
 
     # -- stopping ---------------------------------------------------------------------------
 
@@ -1000,6 +1020,7 @@ class Supervisor:
                 if record.stop is None and record.registered and not record.draining:
                     record.stopping = None  # gave up (or cancelled): it takes calls again
                     policy.schedule(self._registry, record, self._settings)
+                    self._wake_if_earlier()
                     self._notify_changed()
             if not record.registered:  # stopped (or forgotten) by someone else meanwhile
                 evicted: Eviction | None = record.evicted
