@@ -5,12 +5,12 @@ busy() meanwhile is not seen, and an UNFORCED memory eviction stops the backend 
 from __future__ import annotations
 
 import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 
 import anyio
 import pytest
+from _children import sleeper_argv
 
 import watchdog_async._supervisor as supmod
 from watchdog_async import BackendStoppedError, DeviceMemory, MemoryReading, Supervisor
@@ -19,7 +19,7 @@ from watchdog_async.testing import ScriptedProbe, gib
 
 @pytest.fixture
 def child() -> Iterator[subprocess.Popen[bytes]]:
-    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    proc = subprocess.Popen(sleeper_argv(), stdout=subprocess.DEVNULL)
     yield proc
     proc.kill()
     proc.wait()

@@ -656,7 +656,7 @@ async def test_idle_unload_within_50ms_of_its_deadline_whatever_check_interval(
     async with Supervisor(shutdown=shutdown, idle_timeout=10, check_interval=check_interval) as sup:
         began = anyio.current_time()
         sup.register("a", "m")
-        await anyio.sleep(12)
+        await anyio.sleep(12)  # virtual time (looptime): no real wait
     assert len(stopped_at) == 1
     assert stopped_at[0] - began == pytest.approx(10, abs=0.05)
 
@@ -677,9 +677,9 @@ async def test_the_deadline_loop_does_not_poll(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setattr(_policy, "due", counting_due)
     async with Supervisor(idle_timeout=3600, check_interval=3600) as sup:
         sup.register("a", "m")
-        await anyio.sleep(1800)  # half an hour with nothing due
+        await anyio.sleep(1800)  # virtual (looptime): half an hour with nothing due
         before = looked
         await anyio.sleep(1800 - 1)
         assert looked == before  # no wake-up while nothing changed and nothing was due
-        await anyio.sleep(2)
+        await anyio.sleep(2)  # virtual time
         assert sup.loaded_count == 0  # ...and it woke for the deadline itself
