@@ -345,10 +345,6 @@ class _Acquire:
         return await handle.__aexit__(exc_type, exc, tb)
 
 
-def _validate_process(process: object) -> ProcessRef | None:
-    return None if process is None else ProcessRef.resolve(process)
-
-
 class Supervisor:
     """Supervises model-serving backends: see README and DESIGN.md.
 
@@ -610,7 +606,7 @@ class Supervisor:
             )
         if address in self._registry.records:
             raise DuplicateBackendError(address)
-        ref = _validate_process(process)
+        ref = None if process is None else ProcessRef.resolve(process)
         record = Record(
             address=address,
             model=model,
