@@ -23,6 +23,8 @@ import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from types import TracebackType
+from typing import Any, Protocol
 
 __all__ = (
     "Row",
@@ -163,3 +165,37 @@ def finish(rows: Sequence[Row], args: argparse.Namespace, started: float) -> Non
     if args.json:
         with open(args.json, "w", encoding="utf-8") as out:
             json.dump([asdict(row) for row in rows], out)
+
+
+class AsyncCM(Protocol):
+    async def __aenter__(self) -> Any: ...
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> Any: ...
+
+
+Make = Callable[[str], AsyncCM]
+
+
+class Null:
+    """The floor: an async context manager that does nothing (built per call, like the rest)."""
+
+    __slots__ = ("_address",)
+
+    def __init__(self, address: str) -> None:
+        self._address = address
+
+    async def __aenter__(self) -> Null:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        return None

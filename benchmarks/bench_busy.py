@@ -41,10 +41,8 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from types import TracebackType
-from typing import Any, Protocol
 
-from _common import Row, finish, gc_paused, info, interleaved, parse_args, show
+from _common import Make, Null, Row, finish, gc_paused, info, interleaved, parse_args, show
 from localai_port import PortBusy, WatchDog
 
 from watchdog_async import Supervisor
@@ -53,40 +51,6 @@ ADDRESS = "127.0.0.1:50051"
 LIMITED = "127.0.0.1:50052"
 TARGET = 1.25
 clock = time.thread_time
-
-
-class AsyncCM(Protocol):
-    async def __aenter__(self) -> Any: ...
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> Any: ...
-
-
-Make = Callable[[str], AsyncCM]
-
-
-class Null:
-    """The floor: an async context manager that does nothing (built per call, like the rest)."""
-
-    __slots__ = ("_address",)
-
-    def __init__(self, address: str) -> None:
-        self._address = address
-
-    async def __aenter__(self) -> Null:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        return None
 
 
 async def sequential(make: Make, settle: Callable[[], None], batch: int, batches: int) -> float:

@@ -27,45 +27,14 @@ import math
 import random
 import time
 from collections.abc import Callable
-from types import TracebackType
-from typing import Any, Protocol
 
-from _common import Row, finish, info, median, parse_args, percentile, show
+from _common import AsyncCM, Null, Row, finish, info, median, parse_args, percentile, show
 
 from watchdog_async import DeviceMemory, Supervisor
 from watchdog_async.testing import ScriptedProbe, gib
 
 TICK = 0.001
 TARGET_MS = 1.0
-
-
-class AsyncCM(Protocol):
-    async def __aenter__(self) -> Any: ...
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> Any: ...
-
-
-class Null:
-    __slots__ = ("_address",)
-
-    def __init__(self, address: str) -> None:
-        self._address = address
-
-    async def __aenter__(self) -> Null:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        return None
 
 
 async def load_run(

@@ -28,8 +28,8 @@ import anyio
 import httpx
 import psutil
 import pytest
-import uvicorn
 from _children import is_gone
+from _support import uvicorn_serving
 from aiohttp.test_utils import TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -71,33 +71,6 @@ class Running:
     client: httpx.AsyncClient
     sup: Supervisor
     launcher: Any
-
-
-@asynccontextmanager
-async def uvicorn_serving(app: Any) -> AsyncIterator[str]:
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", ws="none")
-    )
-    ended = anyio.Event()
-
-    async def serve() -> None:
-        try:
-            await server.serve()
-        finally:
-            ended.set()
-
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(serve)
-        with anyio.fail_after(10):
-            while not server.started:  # uvicorn has no event for this
-                if ended.is_set():
-                    raise RuntimeError("uvicorn did not start")
-                await anyio.sleep(0.005)
-        port = server.servers[0].sockets[0].getsockname()[1]
-        try:
-            yield f"http://127.0.0.1:{port}"
-        finally:
-            server.should_exit = True
 
 
 @asynccontextmanager

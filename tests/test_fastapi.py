@@ -14,8 +14,8 @@ from typing import Any
 import anyio
 import httpx
 import pytest
-import uvicorn
 from _children import is_gone, sleeper_argv
+from _support import uvicorn_serving
 from fastapi import FastAPI, Request
 from starlette.requests import ClientDisconnect
 from starlette.responses import Response, StreamingResponse
@@ -42,33 +42,6 @@ from watchdog_async.fastapi import (
 from watchdog_async.testing import ManualClock, settle
 
 ADDRESS = "mem://a"  # a backend with no process: evicting it only forgets it
-
-
-@asynccontextmanager
-async def serving(app: FastAPI) -> AsyncIterator[str]:
-    """Serve ``app`` with uvicorn on a free loopback port (lifespan on); yield its base URL."""
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", ws="none")
-    server = uvicorn.Server(config)
-    ended = anyio.Event()
-
-    async def serve() -> None:
-        try:
-            await server.serve()
-        finally:
-            ended.set()
-
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(serve)
-        with anyio.fail_after(10):
-            while not server.started:  # uvicorn has no event for this
-                if ended.is_set():
-                    raise RuntimeError("uvicorn did not start")
-                await anyio.sleep(0.005)
-        port = server.servers[0].sockets[0].getsockname()[1]
-        try:
-            yield f"http://127.0.0.1:{port}"
-        finally:
-            server.should_exit = True
 
 
 async def start_sleeper() -> asyncio.subprocess.Process:
@@ -110,7 +83,7 @@ async def test_lifespan_wraps_the_users_lifespan_and_stops_backends_on_exit() ->
             "models": [s.model for s in sup.snapshot()],
         }
 
-    async with serving(app) as url, httpx.AsyncClient(base_url=url) as client:
+    async with uvicorn_serving(app) as url, httpx.AsyncClient(base_url=url) as client:
         response = await client.get("/info")
         assert response.json() == {
             "greeting": "hello",
@@ -314,7 +287,7 @@ async def test_busy_entered_in_the_generator_holds_until_the_last_chunk_in_one_t
 ) -> None:
     app, streams = _streaming_app(lambda sup: Gated(sup, 4), response_class)
     async with (
-        serving(app) as url,
+        uvicorn_serving(app) as url,
         httpx.AsyncClient(base_url=url) as client,
         client.stream("GET", "/stream") as response,
     ):
@@ -345,7 +318,7 @@ async def test_an_error_before_the_first_chunk_is_a_503_with_retry_after() -> No
         lambda sup: Gated(sup, 2), BusyStreamingResponse, max_concurrency=1, max_waiting=0
     )
     async with (
-        serving(app) as url,
+        uvicorn_serving(app) as url,
         httpx.AsyncClient(base_url=url) as client,
         client.stream("GET", "/stream") as first,
     ):
@@ -366,7 +339,7 @@ async def test_a_client_going_away_while_queued_leaves_the_queue() -> None:
         lambda sup: Gated(sup, 1), BusyStreamingResponse, max_concurrency=1, max_waiting=1
     )
     async with (
-        serving(app) as url,
+        uvicorn_serving(app) as url,
         httpx.AsyncClient(base_url=url) as client,
         client.stream("GET", "/stream") as first,
     ):
@@ -398,13 +371,13 @@ async def test_an_unknown_error_before_the_first_chunk_is_a_500() -> None:
     async def endpoint() -> Response:
         return BusyStreamingResponse(failing())
 
-    async with serving(app) as url, httpx.AsyncClient(base_url=url) as client:
+    async with uvicorn_serving(app) as url, httpx.AsyncClient(base_url=url) as client:
         assert (await client.get("/")).status_code == 500
 
 
 async def test_a_client_going_away_leaves_busy_in_the_streaming_task() -> None:
     app, streams = _streaming_app(lambda sup: Gated(sup, 1000), BusyStreamingResponse)
-    async with serving(app) as url, httpx.AsyncClient(base_url=url) as client:
+    async with uvicorn_serving(app) as url, httpx.AsyncClient(base_url=url) as client:
         async with client.stream("GET", "/stream") as response:
             chunks = response.aiter_raw()
             assert await anext(chunks) == b"chunk0;"
@@ -419,7 +392,7 @@ async def test_a_client_going_away_leaves_busy_in_the_streaming_task() -> None:
 
 async def test_a_forced_stop_mid_stream_fails_the_streaming_task_and_breaks_the_stream() -> None:
     app, streams = _streaming_app(lambda sup: Gated(sup, 1000), BusyStreamingResponse)
-    async with serving(app) as url, httpx.AsyncClient(base_url=url) as client:
+    async with uvicorn_serving(app) as url, httpx.AsyncClient(base_url=url) as client:
         async with client.stream("GET", "/stream") as response:
             chunks = response.aiter_raw()
             assert await anext(chunks) == b"chunk0;"
@@ -470,7 +443,7 @@ async def test_an_empty_body_is_an_empty_200() -> None:
     async def endpoint() -> Response:
         return BusyStreamingResponse(body())
 
-    async with serving(app) as url, httpx.AsyncClient(base_url=url) as client:
+    async with uvicorn_serving(app) as url, httpx.AsyncClient(base_url=url) as client:
         response = await client.get("/")
     assert (response.status_code, response.content) == (200, b"")
 
